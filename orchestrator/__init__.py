@@ -1,0 +1,1 @@
+"""mode-cl orchestration: the command line, and (later) Ray Train/Tune and MLflow wiring."""

@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny Chameleon with a Chameleon-style vocabulary, and sequences over it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainables.tiny import TinyChameleonConfig, build_tiny_chameleon, make_vocabulary_map
+from trainables.vocab import TokenIds
+
+WORDS = ("what", "digit", "is", "this", "draw", "zero", "one", "two", "three", "even", "odd")
+NUM_CODES = 16
+ARCH = TinyChameleonConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+
+
+@pytest.fixture(scope="session")
+def vocab() -> dict[str, int]:
+    return make_vocabulary_map(WORDS, NUM_CODES)
+
+
+@pytest.fixture(scope="session")
+def ids(vocab) -> TokenIds:
+    return TokenIds.from_vocabulary_map(vocab)
+
+
+@pytest.fixture
+def make_model(vocab):
+    """Factory: a fresh tiny Chameleon, identical for equal seeds."""
+
+    def make(seed: int = 0):
+        return build_tiny_chameleon(vocab, ARCH, seed=seed)
+
+    return make
+
+
+class Seq:
+    """Builds token sequences from words, ``IMG(n)`` image spans and specials."""
+
+    def __init__(self, vocab: dict[str, int], ids: TokenIds) -> None:
+        self.vocab, self.ids = vocab, ids
+
+    def image(self, codes: list[int]) -> list[int]:
+        return [self.ids.begin_image, *(self.ids.image_codes[c] for c in codes), self.ids.end_image]
+
+    def words(self, text: str) -> list[int]:
+        return [self.vocab[w] for w in text.split()]
+
+    def understanding(self, codes: list[int], question: str, answer: str) -> list[int]:
+        return [
+            self.ids.bos,
+            *self.image(codes),
+            *self.words(question),
+            self.ids.separator,
+            *self.words(answer),
+            self.ids.eos,
+        ]
+
+    def generation(self, prompt: str, codes: list[int]) -> list[int]:
+        return [self.ids.bos, *self.words(prompt), self.ids.separator, *self.image(codes)]
+
+
+@pytest.fixture(scope="session")
+def seq(vocab, ids) -> Seq:
+    return Seq(vocab, ids)
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> None:
+    """Give every adapter tensor (B matrices included) non-zero values, so gradients can flow everywhere."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "mode_" in name or "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)

@@ -1,0 +1,46 @@
+"""The console script, and project files that must stay valid (cluster.yaml for `ray up`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+from trainables import __version__
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mode-cl {__version__}"
+    assert main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("mode-cl")), "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and "usage: mode-cl" in result.stdout
+
+
+def test_bad_steps_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--steps", "0"])
+    assert exit_info.value.code == 2
+    assert "--steps must be a positive integer" in capsys.readouterr().err
+
+
+def test_cluster_yaml_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
+    validate_config(config)
+    assert config["head_node_type"] in config["available_node_types"]

@@ -1,0 +1,57 @@
+"""Every method attaches, trains a few steps on a toy batch and lowers its loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainables.methods import METHODS, Batch, MethodConfig, StreamBatch, build_method
+
+
+def _pad(rows, pad):
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    return ids, (ids != pad).long()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_trains_and_its_loss_goes_down(name, make_model, ids, seq):
+    torch.manual_seed(0)
+    method = build_method(MethodConfig(name=name, r=4, num_experts=2, dropout=0.0), ids)
+    model = method.attach(make_model()).train()
+    rows = [
+        seq.understanding([1, 2, 3], "what digit is this", "three"),
+        seq.understanding([4, 5], "what digit is this", "one"),
+        seq.generation("draw two", [6, 7, 8, 9]),
+    ]
+    input_ids, attention = _pad(rows, ids.pad)
+    batch = Batch(input_ids, attention, torch.tensor([False, False, True]))
+    stream_ids = torch.tensor([seq.image([0, 1, 2, 3, 4]), seq.image([5, 6, 7, 8, 9])])
+    stream = StreamBatch(stream_ids, torch.ones_like(stream_ids))
+    params = list(method.trainable_parameters(model))
+    assert params and all(p.requires_grad for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(20):
+        terms = method.loss_terms(model, batch, stream)
+        assert ("kd" in terms) == (name == "mode")
+        loss = sum(terms.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(terms["task"].item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_unknown_method_suggests_the_closest_name(ids):
+    with pytest.raises(ValueError, match="did you mean 'moelora'"):
+        build_method("moelor", ids)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"kd_weight": -0.1}, "kd_weight"), ({"kd_weight": float("nan")}, "kd_weight"), ({"r": 0}, "r must be")],
+)
+def test_bad_hyper_parameters_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MethodConfig(**kwargs)

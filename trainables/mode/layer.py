@@ -1,0 +1,107 @@
+"""``MoDELinear``: the math of one adapted linear layer (no model surgery here).
+
+    y = W x                                     (frozen base, always)
+      + (α/r) Σ_j g_j(x) B_j A_j drop(x)        for text tokens   (T-MoE, g = softmax(W_g x) in fp32)
+      + (α/r) B_v A_v drop(x)                   for image tokens  (V-Adapter)
+
+All experts and the V-Adapter are computed as one fused product: their A matrices are stacked
+into ``[(E+1)·r, in]``, each token's rank-r blocks are weighted by its router gate (text tokens)
+or by 1 (image tokens, V-Adapter block) or by 0 (the other modality), and one stacked B
+``[out, (E+1)·r]`` maps back. A zero weight makes both the output and the gradient of the unused
+block exactly zero, which is what keeps the modalities' parameters decoupled.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from trainables.mode.config import MoDEConfig
+from trainables.mode.routing import RoutingState
+
+
+class MoDELinear(nn.Module):
+    """A frozen ``nn.Linear`` plus T-MoE experts, a router and (optionally) a V-Adapter.
+
+    Trainable parameters (names carry the modality, so optimisers and tests can select them):
+        mode_text_A ``[E·r, in]``, mode_text_B ``[out, E·r]``, mode_text_router ``[E, in]``,
+        mode_image_A ``[r, in]``, mode_image_B ``[out, r]``.
+    """
+
+    adapter_parameter_names = ("mode_text_A", "mode_text_B", "mode_text_router", "mode_image_A", "mode_image_B")
+
+    def __init__(self, base_layer: nn.Linear, config: MoDEConfig, routing: RoutingState) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.config = config
+        self.routing = routing  # shared, not a submodule: one state per model
+        r, experts = config.r, config.num_experts
+        in_features, out_features = base_layer.in_features, base_layer.out_features
+        device = base_layer.weight.device
+        # Adapters keep fp32 master weights even on a bf16 base; autocast picks the compute dtype.
+        self.mode_text_A = nn.Parameter(torch.empty(experts * r, in_features, device=device))
+        self.mode_text_B = nn.Parameter(torch.zeros(out_features, experts * r, device=device))
+        self.mode_text_router = nn.Parameter(torch.empty(experts, in_features, device=device))
+        if config.image_adapter:
+            self.mode_image_A = nn.Parameter(torch.empty(r, in_features, device=device))
+            self.mode_image_B = nn.Parameter(torch.zeros(out_features, r, device=device))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.reset_adapters()
+
+    def reset_adapters(self) -> None:
+        """A and router: Kaiming-uniform (as nn.Linear); B: zero, so the layer starts equal to the base."""
+        r = self.config.r
+        with torch.no_grad():
+            for expert in range(self.config.num_experts):
+                nn.init.kaiming_uniform_(self.mode_text_A[expert * r : (expert + 1) * r], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.mode_text_router, a=math.sqrt(5))
+            self.mode_text_B.zero_()
+            if self.config.image_adapter:
+                nn.init.kaiming_uniform_(self.mode_image_A, a=math.sqrt(5))
+                self.mode_image_B.zero_()
+
+    def router_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense softmax over experts, in fp32: ``[..., E]``."""
+        logits = torch.nn.functional.linear(x.float(), self.mode_text_router.float())
+        return torch.softmax(logits, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        state = self.routing
+        if state.teacher:
+            return result
+        image_mask = state.image_mask
+        if image_mask is None or image_mask.shape != x.shape[:-1]:
+            raise RuntimeError(
+                "MoDE layer called without a routing mask for this input "
+                f"(mask {None if image_mask is None else tuple(image_mask.shape)}, input {tuple(x.shape[:-1])}); "
+                "call the model itself, not a submodule, or wrap the call in trainables.mode.route_as(...)"
+            )
+        r, config = self.config.r, self.config
+        gates = self.router_gates(x)  # [B, S, E], fp32
+        image = image_mask.unsqueeze(-1).to(gates.dtype)  # [B, S, 1]
+        text_weight = gates if config.experts_on_image_tokens else gates * (1.0 - image)
+        weights = [text_weight.repeat_interleave(r, dim=-1)]  # [B, S, E·r]
+        stacked_a, stacked_b = [self.mode_text_A], [self.mode_text_B]
+        if config.image_adapter:
+            weights.append(image.expand(*image.shape[:-1], r))  # [B, S, r]
+            stacked_a.append(self.mode_image_A)
+            stacked_b.append(self.mode_image_B)
+        a = torch.cat(stacked_a, dim=0) if len(stacked_a) > 1 else stacked_a[0]  # [(E+1)·r, in]
+        b = torch.cat(stacked_b, dim=1) if len(stacked_b) > 1 else stacked_b[0]  # [out, (E+1)·r]
+        weight = torch.cat(weights, dim=-1) if len(weights) > 1 else weights[0]
+        hidden = torch.nn.functional.linear(self.dropout(x).to(a.dtype), a)  # [B, S, (E+1)·r]
+        hidden = hidden * weight.to(hidden.dtype)
+        delta = torch.nn.functional.linear(hidden, b) * config.scaling  # [B, S, out]
+        if state.recorder is not None:
+            state.recorder.append({"layer": self, "image_mask": image_mask.detach(), "gates": gates.detach()})
+        return result + delta.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"in={self.base_layer.in_features}, out={self.base_layer.out_features}, r={c.r}, "
+            f"experts={c.num_experts}, image_adapter={c.image_adapter}"
+        )

@@ -1,0 +1,86 @@
+"""A tiny, random-init ``ChameleonForConditionalGeneration`` built from a config (no downloads).
+
+Its vocabulary follows Chameleon's conventions (``IMGIMG*`` codebook names, ``<racm3:break>`` /
+``<eoss>`` around images) so that every id the rest of the code uses is read from
+``config.vocabulary_map``, exactly as with the real 7B checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonVQVAEConfig
+
+from trainables.vocab import BEGIN_IMAGE, DEFAULT_SEPARATOR, END_IMAGE, IMAGE_PLACEHOLDER, image_code_name
+
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
+
+
+def make_vocabulary_map(words: Sequence[str], num_image_codes: int) -> dict[str, int]:
+    """Specials first (as in Chameleon: ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2), then the image codebook,
+    end-/begin-image, the ``<image>`` placeholder, the separator, then ``words``."""
+    if num_image_codes <= 0:
+        raise ValueError(f"num_image_codes must be positive, got {num_image_codes}")
+    names = list(SPECIAL_TOKENS)
+    names += [image_code_name(code) for code in range(num_image_codes)]
+    names += [END_IMAGE, BEGIN_IMAGE, IMAGE_PLACEHOLDER, DEFAULT_SEPARATOR]
+    duplicates = sorted(set(words) & set(names)) or sorted({w for w in words if list(words).count(w) > 1})
+    if duplicates:
+        raise ValueError(f"words clash with each other or with special tokens: {duplicates}")
+    names += list(words)
+    return {name: index for index, name in enumerate(names)}
+
+
+@dataclass(frozen=True)
+class TinyChameleonConfig:
+    """Architecture of the tiny model (≈1 M parameters with the defaults)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 256
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The VQ-VAE is never used (images are tokenised by the benchmark's own tokenizer), but
+# ChameleonModel always builds one: keep it minimal (channels must be multiples of 32).
+_TINY_VQ = ChameleonVQVAEConfig(
+    embed_dim=32,
+    num_embeddings=64,
+    latent_channels=32,
+    resolution=32,
+    base_channels=32,
+    channel_multiplier=[1, 1],
+    num_res_blocks=1,
+    attn_resolutions=[],
+)
+
+
+def build_tiny_chameleon(
+    vocabulary_map: dict[str, int], architecture: TinyChameleonConfig | None = None, seed: int = 0
+) -> ChameleonForConditionalGeneration:
+    """Random-init tiny Chameleon with ``vocabulary_map``; deterministic for a given ``seed``."""
+    arch = architecture or TinyChameleonConfig()
+    config = ChameleonConfig(
+        vocab_size=max(vocabulary_map.values()) + 1,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_attention_heads,
+        max_position_embeddings=arch.max_position_embeddings,
+        vq_config=_TINY_VQ.to_dict(),
+        vocabulary_map=dict(vocabulary_map),
+        bos_token_id=vocabulary_map["<s>"],
+        pad_token_id=vocabulary_map["<pad>"],
+        eos_token_id=vocabulary_map["</s>"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ChameleonForConditionalGeneration(config)
+    return model.eval()
