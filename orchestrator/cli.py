@@ -11,6 +11,7 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from trainables import __version__
 
@@ -38,6 +39,49 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(steps=args.steps, seed=args.seed)
 
 
+DEFAULT_RUN_CONFIG = Path(__file__).resolve().parent.parent / "search_spaces" / "digits.yaml"
+DEFAULT_WORK_DIR = Path("mode-cl-work")
+
+
+def _load_config(args: argparse.Namespace):
+    from trainables.config import ConfigError, load_run_config
+
+    try:
+        return load_run_config(args.config, args.set or [])
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from orchestrator.report import print_results
+    from trainables.engine import run_sequence
+
+    config = _load_config(args)
+    out = Path(args.out) if args.out else args.work_dir / "runs" / f"{config.method.name}-{config.config_hash()}"
+    console = Console()
+    console.print(f"[bold]mode-cl run[/]: method {config.method.name}, tasks {list(config.tasks)}, seed {config.seed}")
+    results = run_sequence(config, args.work_dir, out, log=console.print)
+    print_results(results, console)
+    console.print(f"results: {out / 'results.json'}")
+    return 0
+
+
+def _pretrain_base(args: argparse.Namespace) -> int:
+    from trainables.base_model import pretrain_base
+    from trainables.engine import prepare_data
+
+    config = _load_config(args)
+    directory = pretrain_base(config.base, config.data, prepare_data(config, args.work_dir), args.work_dir)
+    print(f"base model: {directory}")
+    return 0
+
+
+class UsageError(Exception):
+    """Bad user input: printed as one line, exit code 2."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mode-cl",
@@ -50,6 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=30, help="optimisation steps per method (default 30)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_demo)
+
+    def add_config_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("config", nargs="?", default=str(DEFAULT_RUN_CONFIG), help="run config YAML")
+        sub.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+        sub.add_argument(
+            "--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="data/model cache (default mode-cl-work)"
+        )
+
+    run = commands.add_parser("run", help="run one task sequence and print its forgetting metrics")
+    add_config_arguments(run)
+    run.add_argument("--out", help="results directory (default mode-cl-work/runs/<method>-<config hash>)")
+    run.add_argument("--no-ray", action="store_true", help="run in this process (currently the only path)")
+    run.set_defaults(func=_run)
+    pretrain = commands.add_parser("pretrain-base", help="pretrain (or find cached) the tiny base Chameleon")
+    add_config_arguments(pretrain)
+    pretrain.set_defaults(func=_pretrain_base)
     return parser
 
 
@@ -63,7 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if getattr(args, "steps", 1) <= 0:
         parser.error("--steps must be a positive integer")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as error:
+        print(f"mode-cl: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
-exec "${MODE_CL_VENV:-.venv}/bin/mode-cl" demo "$@"
+exec "${MODE_CL_VENV:-.venv}/bin/mode-cl" run "$@"

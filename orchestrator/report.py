@@ -1,0 +1,45 @@
+"""Rich tables of one run's results (accuracy matrix, forgetting, generation per stage)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def print_results(results: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    tasks = results["tasks"]
+    matrix = Table(title=f"accuracy matrix ({results['method']}, seed {results['seed']}) and generation per stage")
+    matrix.add_column("after")
+    for task in tasks:
+        matrix.add_column(task, justify="right")
+    for column in ("gen acc", "gen FD", "image NLL"):
+        matrix.add_column(column, justify="right")
+    for stage, row in enumerate(results["acc_matrix"]):
+        name = "base" if stage == 0 else f"{stage}: {tasks[stage - 1]}"
+        matrix.add_row(
+            name,
+            *(_f(v, 2) for v in row),
+            _f(results["gen_acc"][stage]),
+            _f(results["gen_fd"][stage], 2),
+            _f(results["gen_nll"][stage]),
+        )
+    console.print(matrix)
+    summary = Table(title="forgetting")
+    for column in ("avg acc", "forgetting", "BWT", "FWT", "inter-modal forgetting (gen acc drop)", "gen FD increase"):
+        summary.add_column(column, justify="right")
+    summary.add_row(
+        _f(results["avg_acc"]),
+        _f(results["forgetting"]),
+        _f(results["bwt"]),
+        _f(results["fwt"]),
+        _f(results["inter_modal_forgetting"]),
+        _f(results["gen_fd_increase"], 2),
+    )
+    console.print(summary)

@@ -1,0 +1,195 @@
+"""Run configuration: one YAML file → nested dataclasses, validated before anything runs.
+
+Errors name the YAML path of the bad field (``train.lr``) and the fix, with a did-you-mean for
+unknown keys. ``--set key=value`` overrides use the same paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainables.data.digits import DigitsConfig, continual_tasks
+from trainables.methods import METHODS, MethodConfig
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; its message is one line naming the field and the fix."""
+
+
+@dataclass(frozen=True)
+class BaseModelConfig:
+    """The tiny Chameleon pretrained on the base capabilities (captioning + text-to-image)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    epochs: int = 6
+    lr: float = 2e-3
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Per-task training budget. A fresh AdamW and warmup-cosine schedule per task (as the paper)."""
+
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_ratio: float = 0.1
+    grad_clip: float = 10.0
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    gen_samples_per_digit: int = 10
+    gen_temperature: float = 0.7
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    tasks: tuple[str, ...] = ("next", "parity", "previous", "bigsmall")
+    seed: int = 0
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DigitsConfig = field(default_factory=DigitsConfig)
+    base: BaseModelConfig = field(default_factory=BaseModelConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+POSITIVE_INTS = {"epochs", "batch_size", "r", "num_experts", "hidden_size", "intermediate_size", "num_hidden_layers"}
+POSITIVE_INTS |= {"num_attention_heads", "gen_samples_per_digit", "levels", "task_train", "task_test", "test_images"}
+POSITIVE_FLOATS = {"lr", "alpha", "kd_temperature"}
+NON_NEGATIVE_FLOATS = {"kd_weight", "grad_clip", "weight_decay", "gen_temperature"}
+
+
+def _check_value(path: str, name: str, value: Any, expected: Any) -> Any:
+    if expected in (int, "int") and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if expected in (float, "float"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
+    if expected == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if expected == "str" and not isinstance(value, str):
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    if name in POSITIVE_INTS | POSITIVE_FLOATS and value <= 0:
+        raise ConfigError(f"{path}: must be > 0, got {value!r}")
+    if name in NON_NEGATIVE_FLOATS and value < 0:
+        raise ConfigError(f"{path}: must be ≥ 0, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(fields)})"
+            raise ConfigError(f"{path}: unknown key{hint}")
+        expected = fields[key].type
+        nested = {"method": MethodConfig, "train": TrainConfig, "eval": EvalConfig}
+        nested |= {"data": DigitsConfig, "base": BaseModelConfig}
+        if cls is RunConfig and key in nested:
+            if key == "method" and isinstance(value, str):
+                value = {"name": value}
+            kwargs[key] = _build(nested[key], value, path)
+        elif key == "tasks":
+            kwargs[key] = _tasks(value, path)
+        elif key == "target_modules":
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{path}: expected a non-empty list of module names, e.g. [gate_proj, up_proj]")
+            kwargs[key] = tuple(value)
+        elif key == "name" and cls is MethodConfig:
+            if value not in METHODS:
+                close = difflib.get_close_matches(str(value), list(METHODS), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{path}: unknown method {value!r}{hint} (known: {', '.join(METHODS)})")
+            kwargs[key] = value
+        elif value is None and "None" in str(expected):
+            kwargs[key] = None
+        else:
+            base_type = str(expected).split("|")[0].strip()
+            kwargs[key] = _check_value(path, key, value, base_type)
+    try:
+        return cls(**kwargs)
+    except ValueError as error:
+        raise ConfigError(f"{prefix or 'config'}: {error}") from None
+
+
+def _tasks(value: Any, path: str) -> tuple[str, ...]:
+    known = continual_tasks()
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{path}: expected a non-empty list of task names from {known}")
+    for index, task in enumerate(value):
+        if task not in known:
+            close = difflib.get_close_matches(str(task), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{path}[{index}]: unknown task {task!r}{hint} (known: {', '.join(known)})")
+    duplicates = sorted({t for t in value if value.count(t) > 1})
+    if duplicates:
+        raise ConfigError(f"{path}: task(s) {duplicates} appear more than once; each task is learned once")
+    return tuple(value)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a copy of ``data``."""
+    result = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set method=seq_lora")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):  # YAML 1.1 reads "3e-3" as a string
+                value = float(value)
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            current = node.get(part)
+            if isinstance(current, str) and part == "method":
+                current = {"name": current}
+            node[part] = current if isinstance(current, dict) else {}
+            node = node[part]
+        node[parts[-1]] = value
+    return result
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(error, 'problem', error)})") from None
+    return _build(RunConfig, apply_overrides(data, list(overrides)), "")

@@ -1,0 +1,1 @@
+"""Benchmark data: tokenizers, task construction and the Parquet task files."""

@@ -1,0 +1,144 @@
+"""Evaluation on the digits benchmark: answer accuracy, image generation quality, image NLL.
+
+Generation quality is judged by a frozen reference classifier (a one-hidden-layer MLP fitted on
+real train-split images, decoded through the same quantiser as generated ones): the share of
+generated images classified as the prompted digit, and a Fréchet distance between generated and
+real test images in its hidden-layer feature space (our FID).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from trainables.batching import SampleSet, pad
+from trainables.data.digits import SequenceBuilder
+from trainables.losses import (
+    answer_labels,
+    causal_lm_logits,
+    label_space,
+    restrict_logits,
+    shifted_cross_entropy,
+    unwrap,
+)
+from trainables.metrics import frechet_distance
+
+IMAGE_TOKENS = 64
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model: nn.Module, sequences: list[list[int]], answer_starts: list[int], builder: SequenceBuilder
+) -> float:
+    """Greedy decoding of the (one-word) answer: share of samples whose most likely text token
+    after the separator is the reference answer."""
+    text_vocab = ~builder.ids.codebook_mask()
+    correct = 0
+    for start in range(0, len(sequences), 256):
+        chunk = sequences[start : start + 256]
+        starts = answer_starts[start : start + 256]
+        prompts = [s[:a] for s, a in zip(chunk, starts, strict=True)]
+        ids, mask = pad(prompts, builder.ids.pad)
+        logits = restrict_logits(causal_lm_logits(model, ids, mask), text_vocab)
+        last = mask.sum(1) - 1
+        predicted = logits[torch.arange(len(prompts)), last].argmax(-1)
+        answers = torch.tensor([s[a] for s, a in zip(chunk, starts, strict=True)])
+        correct += int((predicted == answers).sum())
+    return correct / len(sequences)
+
+
+@torch.no_grad()
+def image_nll(model: nn.Module, samples: SampleSet, builder: SequenceBuilder) -> float:
+    """Mean image-token NLL of real generation sequences (prompt → image span)."""
+    total, count = 0.0, 0
+    for start in range(0, len(samples), 256):
+        batch = samples.batch(range(start, min(start + 256, len(samples))))
+        logits = restrict_logits(
+            causal_lm_logits(model, batch.input_ids), label_space(builder.ids, batch.is_generation)
+        )
+        labels = answer_labels(batch.input_ids, batch.attention_mask, builder.ids.separator)
+        n = int((labels[:, 1:] != -100).sum())
+        total += shifted_cross_entropy(logits, labels).item() * n
+        count += n
+    return total / count
+
+
+@torch.no_grad()
+def generate_images(
+    model: nn.Module, builder: SequenceBuilder, digits: list[int], temperature: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Sample 64 image tokens after ``draw a <digit> <sep> <begin-image>`` for each digit, with a KV
+    cache, from the image codebook only. Returns token ids ``[N, 64]``."""
+    prompts = torch.tensor([[*builder.generation_prompt(d), builder.ids.begin_image] for d in digits])
+    codes = torch.tensor(builder.ids.image_codes)
+    lm = unwrap(model)
+    cache = DynamicCache(config=lm.config)
+    hidden = lm.model(input_ids=prompts, cache=cache, use_cache=True).last_hidden_state
+    tokens = []
+    for _ in range(IMAGE_TOKENS):
+        logits = lm.lm_head(hidden[:, -1]).float()[:, codes]
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            choice = logits.argmax(-1)
+        token = codes[choice]
+        tokens.append(token)
+        hidden = lm.model(input_ids=token[:, None], cache=cache, use_cache=True).last_hidden_state
+    return torch.stack(tokens, dim=1)
+
+
+class ReferenceClassifier:
+    """Frozen digit classifier for judging generated images (fitted on real train images)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> None:
+        from sklearn.neural_network import MLPClassifier
+
+        self.scale = 16.0
+        self.model = MLPClassifier(hidden_layer_sizes=(64,), max_iter=600, random_state=seed)
+        self.model.fit(images / self.scale, labels)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.model.predict(images / self.scale)
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        hidden = images / self.scale @ self.model.coefs_[0] + self.model.intercepts_[0]
+        return np.maximum(hidden, 0.0)
+
+    def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
+        return float((self.predict(images) == labels).mean())
+
+
+@dataclass
+class GenerationScores:
+    accuracy: float  # reference classifier agrees with the prompted digit
+    frechet: float  # Fréchet distance to real test images in classifier feature space
+    nll: float  # image-token NLL of real test images
+
+
+def generation_scores(
+    model: nn.Module,
+    builder: SequenceBuilder,
+    reference: ReferenceClassifier,
+    real_test_images: np.ndarray,
+    test_generation: SampleSet,
+    samples_per_digit: int,
+    temperature: float,
+    seed: int,
+) -> GenerationScores:
+    digits = [d for d in range(10) for _ in range(samples_per_digit)]
+    generator = torch.Generator().manual_seed(seed)
+    tokens = generate_images(model, builder, digits, temperature, generator)
+    pixels = builder.image_codes_to_pixels(tokens.numpy())
+    real = builder.image_codes_to_pixels(
+        np.asarray([builder.image_span(img)[1:-1] for img in real_test_images], dtype=np.int64)
+    )
+    return GenerationScores(
+        accuracy=reference.accuracy(pixels, np.asarray(digits)),
+        frechet=frechet_distance(reference.features(pixels), reference.features(real)),
+        nll=image_nll(model, test_generation, builder),
+    )
