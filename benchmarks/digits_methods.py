@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,14 +28,12 @@ METRICS = (
 
 def _one(job: tuple[str, int, str, str]) -> dict:
     method, seed, work_dir, out_dir = job
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-
-    torch.set_num_threads(1)
     from trainables.config import load_run_config
     from trainables.engine import run_sequence
 
-    config = load_run_config(ROOT / "search_spaces" / "digits.yaml", [f"method.name={method}", f"seed={seed}"])
+    config = load_run_config(
+        ROOT / "search_spaces" / "digits.yaml", [f"method.name={method}", f"seed={seed}", "resources.cpus_per_worker=1"]
+    )
     return run_sequence(config, Path(work_dir), Path(out_dir) / f"{method}-seed{seed}", log=lambda _: None)
 
 
@@ -81,7 +78,7 @@ def main() -> None:
         for r in runs:
             r["gen_acc_final"], r["gen_fd_final"] = r["gen_acc"][-1], r["gen_fd"][-1]
         cells = [_mean_std([r[key] for r in runs]) for key, _ in METRICS]
-        seconds = statistics.mean(r["seconds"]["total"] for r in runs)
+        seconds = statistics.mean(r["seconds"] for r in runs)
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds:.0f} |")
     base = results[0]
     lines += ["", f"base model: gen acc {base['gen_acc'][0]:.3f}, gen FD {base['gen_fd'][0]:.2f}"]

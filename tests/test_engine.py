@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -42,10 +43,55 @@ def test_micro_sequence_produces_results_and_checkpoints(work_dir, tmp_path):
     for key in ("tasks", "acc_matrix", "avg_acc", "forgetting", "bwt", "gen_acc", "gen_fd", "inter_modal_forgetting"):
         assert key in stored
     assert stored["config"]["method"]["name"] == "mode"
-    assert (tmp_path / "out" / "checkpoints" / "task_02" / "adapter.safetensors").is_file()
+    checkpoints = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert checkpoints == ["ckpt_t01_s000000", "ckpt_t02_s000000"]  # num_to_keep = 2
+    assert (tmp_path / "out" / "checkpoints" / "ckpt_t02_s000000" / "adapter" / "adapter.safetensors").is_file()
+    assert [(e["task"], e["event"]) for e in results["task_log"]] == [
+        (0, "start"),
+        (0, "end"),
+        (1, "start"),
+        (1, "end"),
+    ]
     # the base model is cached: the second run reuses it and gives identical results (seeded)
     again = run_sequence(config, work_dir, None, log=lambda _: None)
     assert again["acc_matrix"] == results["acc_matrix"] and again["gen_fd"] == results["gen_fd"]
+
+
+def _comparable(results):
+    return {k: v for k, v in results.items() if k not in ("seconds", "task_log")}
+
+
+def test_resume_mid_task_reproduces_the_uninterrupted_run(work_dir, tmp_path):
+    config = load_run_config(None, [*MICRO, "checkpoint.every_steps=2", "checkpoint.num_to_keep=0"])
+    full = run_sequence(config, work_dir, tmp_path / "full", log=lambda _: None)
+    # Rewind a copy of the run to its checkpoint two steps into task 2, as if it had crashed there.
+    shutil.copytree(tmp_path / "full", tmp_path / "crashed")
+    for directory in (tmp_path / "crashed" / "checkpoints").iterdir():
+        if directory.name > "ckpt_t01_s000002":
+            shutil.rmtree(directory)
+    (tmp_path / "crashed" / "results.json").unlink()
+    messages = []
+    resumed = run_sequence(config, work_dir, tmp_path / "crashed", log=messages.append)
+    assert any("resuming from checkpoint ckpt_t01_s000002: task 2, step 2" in m for m in messages)
+    assert _comparable(resumed) == _comparable(full)
+    events = [(e["task"], e["event"], e["step"]) for e in resumed["task_log"]]
+    assert events == [(0, "start", 0), (0, "end", 3), (1, "start", 0), (1, "resume", 2), (1, "end", 3)]
+    final = tmp_path / "crashed" / "checkpoints" / "ckpt_t02_s000000" / "adapter" / "adapter.safetensors"
+    reference = tmp_path / "full" / "checkpoints" / "ckpt_t02_s000000" / "adapter" / "adapter.safetensors"
+    assert final.read_bytes() == reference.read_bytes()
+
+
+def test_truncated_latest_checkpoint_falls_back_with_a_warning(work_dir, tmp_path):
+    config = load_run_config(None, [*MICRO, "checkpoint.num_to_keep=0"])
+    full = run_sequence(config, work_dir, tmp_path / "run", log=lambda _: None)
+    latest = tmp_path / "run" / "checkpoints" / "ckpt_t02_s000000" / "adapter" / "adapter.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])
+    (tmp_path / "run" / "results.json").unlink()
+    messages = []
+    again = run_sequence(config, work_dir, tmp_path / "run", log=messages.append)
+    assert any("ckpt_t02_s000000 is unusable" in m and "does not match its hash" in m for m in messages)
+    assert any("resuming from checkpoint ckpt_t01_s000000" in m for m in messages)
+    assert _comparable(again) == _comparable(full)
 
 
 @pytest.mark.parametrize(

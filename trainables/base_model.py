@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import ChameleonForConditionalGeneration, get_cosine_schedule_with_warmup
+from transformers.utils import logging as hf_logging
 
 import trainables
 from trainables.batching import SampleSet
@@ -105,3 +106,7 @@ def pretrain_base(
 
 def load_base(directory: Path) -> ChameleonForConditionalGeneration:
     return ChameleonForConditionalGeneration.from_pretrained(directory).eval()
+
+
+# A few-MB model loads in milliseconds: transformers' per-shard progress bars are only noise here.
+hf_logging.disable_progress_bar()

@@ -44,8 +44,7 @@ class SampleSet:
         for start in range(0, len(order), batch_size):
             yield self.batch(order[start : start + batch_size])
 
-    def stream_batch(self, batch_size: int, generator: torch.Generator) -> StreamBatch:
-        """A random batch used as a distillation stream (sequences are used as they are)."""
-        picks = torch.randint(len(self), (batch_size,), generator=generator).tolist()
-        ids, mask = pad([self.sequences[i] for i in picks], self.pad_id)
+    def stream_batch_of(self, indices: Sequence[int]) -> StreamBatch:
+        """The given samples as a distillation-stream batch (sequences used as they are)."""
+        ids, mask = pad([self.sequences[i] for i in indices], self.pad_id)
         return StreamBatch(ids, mask)

@@ -59,6 +59,23 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ResourcesConfig:
+    """Per-trial compute. ``cpus_per_worker`` is also torch's thread count on CPU (results on CPU
+    depend on it at the last bit, so both run paths use it)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 2
+    gpus_per_worker: float = 1.0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 0  # also checkpoint every N optimizer steps inside a task (0 = at task ends only)
+    num_to_keep: int = 2  # ≥ 2 so a corrupt newest checkpoint can fall back; 0 keeps all
+
+
+@dataclass(frozen=True)
 class RunConfig:
     tasks: tuple[str, ...] = ("next", "parity", "previous", "bigsmall")
     seed: int = 0
@@ -67,6 +84,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DigitsConfig = field(default_factory=DigitsConfig)
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -76,9 +95,10 @@ class RunConfig:
 
 
 POSITIVE_INTS = {"epochs", "batch_size", "r", "num_experts", "hidden_size", "intermediate_size", "num_hidden_layers"}
+POSITIVE_INTS |= {"num_workers", "cpus_per_worker"}
 POSITIVE_INTS |= {"num_attention_heads", "gen_samples_per_digit", "levels", "task_train", "task_test", "test_images"}
-POSITIVE_FLOATS = {"lr", "alpha", "kd_temperature"}
-NON_NEGATIVE_FLOATS = {"kd_weight", "grad_clip", "weight_decay", "gen_temperature"}
+POSITIVE_FLOATS = {"lr", "alpha", "kd_temperature", "gpus_per_worker"}
+NON_NEGATIVE = {"kd_weight", "grad_clip", "weight_decay", "gen_temperature", "every_steps", "num_to_keep"}
 
 
 def _check_value(path: str, name: str, value: Any, expected: Any) -> Any:
@@ -96,7 +116,7 @@ def _check_value(path: str, name: str, value: Any, expected: Any) -> Any:
         raise ConfigError(f"{path}: expected a string, got {value!r}")
     if name in POSITIVE_INTS | POSITIVE_FLOATS and value <= 0:
         raise ConfigError(f"{path}: must be > 0, got {value!r}")
-    if name in NON_NEGATIVE_FLOATS and value < 0:
+    if name in NON_NEGATIVE and value < 0:
         raise ConfigError(f"{path}: must be ≥ 0, got {value!r}")
     return value
 
@@ -115,6 +135,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         expected = fields[key].type
         nested = {"method": MethodConfig, "train": TrainConfig, "eval": EvalConfig}
         nested |= {"data": DigitsConfig, "base": BaseModelConfig}
+        nested |= {"resources": ResourcesConfig, "checkpoint": CheckpointConfig}
         if cls is RunConfig and key in nested:
             if key == "method" and isinstance(value, str):
                 value = {"name": value}

@@ -11,6 +11,7 @@ Plain Python, no Ray: the CLI's in-process path, the tests and (later) the Ray T
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from transformers import get_cosine_schedule_with_warmup
 from trainables import __version__
 from trainables.base_model import load_base, pretrain_base
 from trainables.batching import SampleSet
+from trainables.checkpoint import LoadedCheckpoint, Progress, latest_good, list_checkpoints, prune, write_checkpoint
 from trainables.config import RunConfig
 from trainables.data.digits import GENERATION_TASK, SequenceBuilder, build_digits, data_hash, read_tasks, vocabulary
 from trainables.data.tokenizers import PixelQuantizer
@@ -86,31 +88,6 @@ class DigitsBenchmark:
         return row, asdict(scores)
 
 
-def train_task(method, model, samples: SampleSet, stream: SampleSet, config: RunConfig, task_index: int) -> float:
-    """One task: fresh optimizer and warmup-cosine schedule; returns the mean loss of the last epoch."""
-    train = config.train
-    generator = torch.Generator().manual_seed(config.seed * 1000 + task_index)
-    params = list(method.trainable_parameters(model))
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    steps = train.epochs * -(-len(samples) // train.batch_size)
-    schedule = get_cosine_schedule_with_warmup(optimizer, int(train.warmup_ratio * steps), steps)
-    model.train()
-    losses: list[float] = []
-    for _ in range(train.epochs):
-        losses = []
-        for batch in samples.batches(train.batch_size, generator):
-            stream_batch = stream.stream_batch(train.batch_size, generator) if method.USES_KD else None
-            terms = method.loss_terms(model, batch, stream_batch)
-            loss = sum(terms.values())
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-    return float(np.mean(losses))
-
-
 def summarize(tasks: list[str], acc_matrix: list[list[float]], generation: list[dict[str, float]]) -> dict[str, Any]:
     gen_acc = [g["accuracy"] for g in generation]
     gen_fd = [g["frechet"] for g in generation]
@@ -129,49 +106,192 @@ def summarize(tasks: list[str], acc_matrix: list[list[float]], generation: list[
     }
 
 
-def run_sequence(config: RunConfig, work_dir: Path, out_dir: Path | None = None, log: Log = print) -> dict[str, Any]:
-    """Run ``config``'s task sequence; returns (and writes to ``out_dir/results.json``) the results."""
+class Distributed:
+    """Rank/world of a torch.distributed group (world 1 without one). Ray Train sets the group up."""
+
+    def __init__(self) -> None:
+        initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.world = torch.distributed.get_world_size() if initialized else 1
+        self.rank = torch.distributed.get_rank() if initialized else 0
+
+    def shard(self, indices: list[int]) -> list[int]:
+        """This rank's share of a global batch (ranks take interleaved samples)."""
+        return indices[self.rank :: self.world]
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        if self.world == 1:
+            return
+        for param in params:
+            if param.grad is not None:
+                torch.distributed.all_reduce(param.grad)
+                param.grad /= self.world
+
+    def from_rank0(self, value: Any) -> Any:
+        if self.world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+class LocalCheckpointer:
+    """Checkpoints in a local (or shared) directory; used by ``--no-ray`` and the tests."""
+
+    def __init__(self, root: Path, num_to_keep: int = 2, log: Log = print) -> None:
+        self.root, self.num_to_keep, self.log = Path(root), num_to_keep, log
+
+    def restore(self) -> LoadedCheckpoint | None:
+        return latest_good(list_checkpoints(self.root), warn=lambda m: self.log(f"[yellow]warning:[/] {m}"))
+
+    def save(self, progress: Progress, save_adapter, optimizer_state, metrics: dict[str, Any]) -> None:
+        write_checkpoint(self.root / progress.name, progress, save_adapter, optimizer_state)
+        prune(self.root, self.num_to_keep)
+
+
+def _generator(*key: int) -> torch.Generator:
+    """A generator seeded from ``key`` alone, so any step's data can be recomputed after a restart."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+def _batch_order(config: RunConfig, task_index: int, epoch: int, size: int) -> list[int]:
+    return torch.randperm(size, generator=_generator(config.seed, task_index, epoch, 0)).tolist()
+
+
+def _stream_picks(config: RunConfig, task_index: int, step: int, size: int, count: int) -> list[int]:
+    return torch.randint(size, (count,), generator=_generator(config.seed, task_index, step, 1)).tolist()
+
+
+def _to(batch, device: torch.device):
+    return dataclasses.replace(batch, **{k: v.to(device) for k, v in vars(batch).items()})
+
+
+def _metrics_so_far(config: RunConfig, progress: Progress) -> dict[str, Any]:
+    done = progress.next_task
+    if done == 0:
+        return {"tasks_done": 0}
+    matrix = [row[:done] for row in progress.acc_matrix[: done + 1]]
+    summary = summarize(list(config.tasks[:done]), matrix, progress.generation[: done + 1])
+    return {"tasks_done": done, **summary}
+
+
+def run_sequence(
+    config: RunConfig,
+    work_dir: Path,
+    out_dir: Path | None = None,
+    log: Log = print,
+    checkpointer: LocalCheckpointer | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) ``config``'s task sequence and return its results.
+
+    With ``out_dir`` and no ``checkpointer``, checkpoints go to ``out_dir/checkpoints`` and the run
+    resumes from the newest good one; ``results.json`` is written to ``out_dir`` at the end.
+    """
     started = time.perf_counter()
-    timings: dict[str, float] = {}
+    dist = Distributed()
+    device = torch.device("cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(config.resources.cpus_per_worker)
+    if checkpointer is None and out_dir is not None:
+        checkpointer = LocalCheckpointer(Path(out_dir) / "checkpoints", config.checkpoint.num_to_keep, log)
     task_file = prepare_data(config, work_dir)
-    base_dir = pretrain_base(config.base, config.data, task_file, Path(work_dir))
-    timings["prepare"] = time.perf_counter() - started
+    base_dir = pretrain_base(config.base, config.data, task_file, Path(work_dir), show_progress=dist.rank == 0)
 
     torch.manual_seed(config.seed)
     bench = DigitsBenchmark(config, task_file)
     method = build_method(config.method, bench.ids)
-    model = method.attach(load_base(base_dir))
+    model = method.attach(load_base(base_dir)).to(device)
+    params = list(method.trainable_parameters(model))
 
-    acc_matrix: list[list[float]] = []
-    generation: list[dict[str, float]] = []
-    row, scores = bench.evaluate(model, 0)
-    acc_matrix.append(row)
-    generation.append(scores)
-    log(f"stage 0 (base): acc {_fmt(row)}  gen acc {scores['accuracy']:.3f}  gen FD {scores['frechet']:.2f}")
-    for index, task in enumerate(config.tasks, start=1):
+    restored = checkpointer.restore() if checkpointer is not None else None
+    if restored is not None:
+        progress = restored.progress
+        if progress.config_hash != config.config_hash():
+            raise ValueError(
+                f"checkpoint {restored.directory} belongs to a different config "
+                f"(hash {progress.config_hash} vs {config.config_hash()}); use another --out/--name"
+            )
+        method.load(model, restored.directory / "adapter")
+        restored.restore_rng()
+        log(f"resuming from checkpoint {restored.directory.name}: task {progress.next_task + 1}, step {progress.step}")
+    else:
+        progress = Progress(config_hash=config.config_hash(), config=config.to_dict())
+
+    def save(optimizer_state: dict[str, Any] | None) -> None:
+        if checkpointer is not None:
+            checkpointer.save(
+                progress, lambda d: method.save(model, d), optimizer_state, _metrics_so_far(config, progress)
+            )
+
+    if not progress.acc_matrix:
+        row, scores = dist.from_rank0(bench.evaluate(model, 0) if dist.rank == 0 else None)
+        progress.acc_matrix.append(row)
+        progress.generation.append(scores)
+        log(f"stage 0 (base): acc {_fmt(row)}  gen acc {scores['accuracy']:.3f}  gen FD {scores['frechet']:.2f}")
+        save(None)
+
+    train = config.train
+    for task_index in range(progress.next_task, len(config.tasks)):
+        task = config.tasks[task_index]
         task_started = time.perf_counter()
-        loss = train_task(method, model, bench.train_set(task), bench.stream, config, index)
-        row, scores = bench.evaluate(model, index)
-        acc_matrix.append(row)
-        generation.append(scores)
-        if out_dir is not None:
-            method.save(model, Path(out_dir) / "checkpoints" / f"task_{index:02d}")
+        samples = bench.train_set(task)
+        per_epoch = -(-len(samples) // train.batch_size)
+        total_steps = train.epochs * per_epoch
+        optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        schedule = get_cosine_schedule_with_warmup(optimizer, int(train.warmup_ratio * total_steps), total_steps)
+        if progress.step > 0 and restored is not None and restored.optimizer_state:
+            optimizer.load_state_dict(restored.optimizer_state["optimizer"])
+            schedule.load_state_dict(restored.optimizer_state["schedule"])
+            progress.task_log.append({"task": task_index, "event": "resume", "step": progress.step})
+        else:
+            progress.task_log.append({"task": task_index, "event": "start", "step": 0})
+            progress.losses.append([])
+        model.train()
+        for step in range(progress.step, total_steps):
+            epoch, position = divmod(step, per_epoch)
+            order = _batch_order(config, task_index, epoch, len(samples))
+            batch = _to(samples.batch(dist.shard(order[position * train.batch_size :][: train.batch_size])), device)
+            stream = None
+            if method.USES_KD:
+                picks = _stream_picks(config, task_index, step, len(bench.stream), train.batch_size)
+                stream = _to(bench.stream.stream_batch_of(dist.shard(picks)), device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                terms = method.loss_terms(model, batch, stream)
+                loss = sum(terms.values())
+            optimizer.zero_grad()
+            loss.backward()
+            dist.average_gradients(params)
+            torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+            optimizer.step()
+            schedule.step()
+            progress.losses[task_index].append(float(dist.from_rank0(loss.item())))
+            progress.step = step + 1
+            every = config.checkpoint.every_steps
+            if every > 0 and progress.step % every == 0 and progress.step < total_steps:
+                save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
+        row, scores = dist.from_rank0(bench.evaluate(model, task_index + 1) if dist.rank == 0 else None)
+        progress.acc_matrix.append(row)
+        progress.generation.append(scores)
+        progress.task_log.append({"task": task_index, "event": "end", "step": progress.step})
+        progress.next_task, progress.step = task_index + 1, 0
+        restored = None
+        save(None)
         log(
-            f"stage {index} ({task}): loss {loss:.3f}  acc {_fmt(row)}  gen acc {scores['accuracy']:.3f}  "
-            f"gen FD {scores['frechet']:.2f}  [{time.perf_counter() - task_started:.1f}s]"
+            f"stage {task_index + 1} ({task}): loss {np.mean(progress.losses[task_index][-per_epoch:]):.3f}  "
+            f"acc {_fmt(row)}  gen acc {scores['accuracy']:.3f}  gen FD {scores['frechet']:.2f}  "
+            f"[{time.perf_counter() - task_started:.1f}s]"
         )
-    timings["total"] = time.perf_counter() - started
     results = {
-        **summarize(list(config.tasks), acc_matrix, generation),
+        **summarize(list(config.tasks), progress.acc_matrix, progress.generation),
         "method": config.method.name,
         "seed": config.seed,
         "config": config.to_dict(),
         "config_hash": config.config_hash(),
-        "base_model": str(base_dir),
+        "task_log": progress.task_log,
+        "losses": progress.losses,
         "mode_cl_version": __version__,
-        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "seconds": round(time.perf_counter() - started, 1),
     }
-    if out_dir is not None:
+    if out_dir is not None and dist.rank == 0:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".results.json.tmp"

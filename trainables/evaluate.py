@@ -43,9 +43,10 @@ def answer_accuracy(
         starts = answer_starts[start : start + 256]
         prompts = [s[:a] for s, a in zip(chunk, starts, strict=True)]
         ids, mask = pad(prompts, builder.ids.pad)
-        logits = restrict_logits(causal_lm_logits(model, ids, mask), text_vocab)
+        device = _device(model)
+        logits = restrict_logits(causal_lm_logits(model, ids.to(device), mask.to(device)), text_vocab.to(device))
         last = mask.sum(1) - 1
-        predicted = logits[torch.arange(len(prompts)), last].argmax(-1)
+        predicted = logits[torch.arange(len(prompts)), last.to(device)].argmax(-1).cpu()
         answers = torch.tensor([s[a] for s, a in zip(chunk, starts, strict=True)])
         correct += int((predicted == answers).sum())
     return correct / len(sequences)
@@ -73,8 +74,9 @@ def generate_images(
 ) -> torch.Tensor:
     """Sample 64 image tokens after ``draw a <digit> <sep> <begin-image>`` for each digit, with a KV
     cache, from the image codebook only. Returns token ids ``[N, 64]``."""
-    prompts = torch.tensor([[*builder.generation_prompt(d), builder.ids.begin_image] for d in digits])
-    codes = torch.tensor(builder.ids.image_codes)
+    device = _device(model)
+    prompts = torch.tensor([[*builder.generation_prompt(d), builder.ids.begin_image] for d in digits], device=device)
+    codes = torch.tensor(builder.ids.image_codes, device=device)
     lm = unwrap(model)
     cache = DynamicCache(config=lm.config)
     hidden = lm.model(input_ids=prompts, cache=cache, use_cache=True).last_hidden_state
@@ -82,14 +84,18 @@ def generate_images(
     for _ in range(IMAGE_TOKENS):
         logits = lm.lm_head(hidden[:, -1]).float()[:, codes]
         if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            probs = torch.softmax(logits / temperature, dim=-1).cpu()  # sampled on CPU: seeded generator
+            choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(device)
         else:
             choice = logits.argmax(-1)
         token = codes[choice]
         tokens.append(token)
         hidden = lm.model(input_ids=token[:, None], cache=cache, use_cache=True).last_hidden_state
-    return torch.stack(tokens, dim=1)
+    return torch.stack(tokens, dim=1).cpu()
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 class ReferenceClassifier:
