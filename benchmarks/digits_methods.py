@@ -78,7 +78,7 @@ def main() -> None:
         for r in runs:
             r["gen_acc_final"], r["gen_fd_final"] = r["gen_acc"][-1], r["gen_fd"][-1]
         cells = [_mean_std([r[key] for r in runs]) for key, _ in METRICS]
-        seconds = statistics.mean(r["seconds"] for r in runs)
+        seconds = statistics.mean(r["wall_s"] for r in runs)
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds:.0f} |")
     base = results[0]
     lines += ["", f"base model: gen acc {base['gen_acc'][0]:.3f}, gen FD {base['gen_fd'][0]:.2f}"]

@@ -1,8 +1,9 @@
 """The ``mode-cl`` command line. Subcommands parse and validate their input, then call library code.
 
 mode-cl --version
-mode-cl methods          # the continual-learning methods and what they train
-mode-cl demo             # every method trains briefly on the tiny Chameleon; checks MoDE's invariants
+mode-cl methods                          # the continual-learning methods
+mode-cl pretrain-base [CONFIG]           # build (or find cached) the tiny base model
+mode-cl run [CONFIG] [--set k=v] [--name N] [--storage S] [--address A] [--out DIR] [--no-ray]
 """
 
 from __future__ import annotations
@@ -33,12 +34,6 @@ def _methods(_: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from orchestrator.demo import run_demo
-
-    return run_demo(steps=args.steps, seed=args.seed)
-
-
 DEFAULT_RUN_CONFIG = Path(__file__).resolve().parent.parent / "search_spaces" / "digits.yaml"
 DEFAULT_WORK_DIR = Path("mode-cl-work")
 
@@ -56,13 +51,25 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from orchestrator.report import print_results
-    from trainables.engine import run_sequence
 
     config = _load_config(args)
-    out = Path(args.out) if args.out else args.work_dir / "runs" / f"{config.method.name}-{config.config_hash()}"
+    work_dir = Path(args.work_dir).resolve()
+    name = args.name or f"{config.method.name}-{config.config_hash()}"
+    out = Path(args.out) if args.out else work_dir / "runs" / name
     console = Console()
-    console.print(f"[bold]mode-cl run[/]: method {config.method.name}, tasks {list(config.tasks)}, seed {config.seed}")
-    results = run_sequence(config, args.work_dir, out, log=console.print)
+    path = "in-process" if args.no_ray else "Ray Train"
+    console.print(
+        f"[bold]mode-cl run[/] ({path}): method {config.method.name}, tasks {list(config.tasks)}, seed {config.seed}"
+    )
+    if args.no_ray:
+        from trainables.engine import run_sequence
+
+        results = run_sequence(config, work_dir, out, log=console.print)
+    else:
+        from orchestrator.train import run_with_ray
+
+        storage = args.storage or str(work_dir / "ray_results")
+        results = run_with_ray(config, work_dir, out, name, storage, args.address, log=console.print)
     print_results(results, console)
     console.print(f"results: {out / 'results.json'}")
     return 0
@@ -90,10 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mode-cl {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("methods", help="list the continual-learning methods").set_defaults(func=_methods)
-    demo = commands.add_parser("demo", help="train every method briefly on the tiny Chameleon and check MoDE")
-    demo.add_argument("--steps", type=int, default=30, help="optimisation steps per method (default 30)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.set_defaults(func=_demo)
 
     def add_config_arguments(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("config", nargs="?", default=str(DEFAULT_RUN_CONFIG), help="run config YAML")
@@ -104,8 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run one task sequence and print its forgetting metrics")
     add_config_arguments(run)
-    run.add_argument("--out", help="results directory (default mode-cl-work/runs/<method>-<config hash>)")
-    run.add_argument("--no-ray", action="store_true", help="run in this process (currently the only path)")
+    run.add_argument("--out", help="results directory (default <work-dir>/runs/<name>)")
+    run.add_argument("--name", help="run name; the same name + storage resumes (default <method>-<config hash>)")
+    run.add_argument("--storage", help="Ray storage: local dir, shared FS or s3:// (default <work-dir>/ray_results)")
+    run.add_argument("--address", help="join this Ray cluster (default: start a local Ray)")
+    run.add_argument("--no-ray", action="store_true", help="run in this process, checkpoints under --out")
     run.set_defaults(func=_run)
     pretrain = commands.add_parser("pretrain-base", help="pretrain (or find cached) the tiny base Chameleon")
     add_config_arguments(pretrain)
@@ -121,8 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return EXIT_USAGE
-    if getattr(args, "steps", 1) <= 0:
-        parser.error("--steps must be a positive integer")
     try:
         return args.func(args)
     except UsageError as error:

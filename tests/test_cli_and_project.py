@@ -21,7 +21,7 @@ def test_version_and_help(capsys):
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"mode-cl {__version__}"
     assert main([]) == 2
-    assert "demo" in capsys.readouterr().out
+    assert "pretrain-base" in capsys.readouterr().out
 
 
 def test_console_script_is_installed():
@@ -29,13 +29,6 @@ def test_console_script_is_installed():
         [str(Path(sys.executable).with_name("mode-cl")), "--help"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0 and "usage: mode-cl" in result.stdout
-
-
-def test_bad_steps_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--steps", "0"])
-    assert exit_info.value.code == 2
-    assert "--steps must be a positive integer" in capsys.readouterr().err
 
 
 def test_cluster_yaml_passes_rays_own_validation():

@@ -68,11 +68,17 @@ class ResourcesConfig:
     cpus_per_worker: int = 2
     gpus_per_worker: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.use_gpu and self.num_workers > 1 and self.gpus_per_worker < 1:
+            # Ray would pack the workers onto one GPU and NCCL fails with "Duplicate GPU detected".
+            raise ValueError("fractional gpus_per_worker is only safe with num_workers 1; use 1 GPU per worker")
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 0  # also checkpoint every N optimizer steps inside a task (0 = at task ends only)
     num_to_keep: int = 2  # ≥ 2 so a corrupt newest checkpoint can fall back; 0 keeps all
+    max_failures: int = 3  # Ray Train restarts of a failed worker group, each from the latest checkpoint
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,7 @@ POSITIVE_INTS |= {"num_workers", "cpus_per_worker"}
 POSITIVE_INTS |= {"num_attention_heads", "gen_samples_per_digit", "levels", "task_train", "task_test", "test_images"}
 POSITIVE_FLOATS = {"lr", "alpha", "kd_temperature", "gpus_per_worker"}
 NON_NEGATIVE = {"kd_weight", "grad_clip", "weight_decay", "gen_temperature", "every_steps", "num_to_keep"}
+NON_NEGATIVE |= {"max_failures"}
 
 
 def _check_value(path: str, name: str, value: Any, expected: Any) -> Any:
@@ -199,6 +206,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node[part]
         node[parts[-1]] = value
     return result
+
+
+def load_run_config_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from ``RunConfig.to_dict()`` output (e.g. inside a Ray worker)."""
+    return _build(RunConfig, data, "")
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

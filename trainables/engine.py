@@ -126,6 +126,13 @@ class Distributed:
                 torch.distributed.all_reduce(param.grad)
                 param.grad /= self.world
 
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        total = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(total)
+        return float(total.item()) / self.world
+
     def from_rank0(self, value: Any) -> Any:
         if self.world == 1:
             return value
@@ -180,6 +187,7 @@ def run_sequence(
     out_dir: Path | None = None,
     log: Log = print,
     checkpointer: LocalCheckpointer | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) ``config``'s task sequence and return its results.
 
@@ -263,8 +271,10 @@ def run_sequence(
             torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
             optimizer.step()
             schedule.step()
-            progress.losses[task_index].append(float(dist.from_rank0(loss.item())))
+            progress.losses[task_index].append(dist.mean(loss.item()))
             progress.step = step + 1
+            if on_step is not None:
+                on_step(task_index, progress.step)
             every = config.checkpoint.every_steps
             if every > 0 and progress.step % every == 0 and progress.step < total_steps:
                 save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
@@ -280,7 +290,16 @@ def run_sequence(
             f"acc {_fmt(row)}  gen acc {scores['accuracy']:.3f}  gen FD {scores['frechet']:.2f}  "
             f"[{time.perf_counter() - task_started:.1f}s]"
         )
-    results = {
+    results = results_from_progress(config, progress)
+    log(f"sequence finished in {time.perf_counter() - started:.1f}s")
+    if out_dir is not None and dist.rank == 0:
+        write_results(results, Path(out_dir))
+    return results
+
+
+def results_from_progress(config: RunConfig, progress: Progress) -> dict[str, Any]:
+    """The results of a finished sequence, from its final progress (same for every run path)."""
+    return {
         **summarize(list(config.tasks), progress.acc_matrix, progress.generation),
         "method": config.method.name,
         "seed": config.seed,
@@ -289,15 +308,14 @@ def run_sequence(
         "task_log": progress.task_log,
         "losses": progress.losses,
         "mode_cl_version": __version__,
-        "seconds": round(time.perf_counter() - started, 1),
     }
-    if out_dir is not None and dist.rank == 0:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(out / "results.json")
-    return results
+
+
+def write_results(results: dict[str, Any], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    return tmp.replace(out_dir / "results.json")
 
 
 def _fmt(row: list[float]) -> str:

@@ -39,7 +39,7 @@ class MethodConfig:
     name: str = "mode"
     r: int = 8
     num_experts: int = 4
-    alpha: float = 16
+    alpha: float = 16.0
     dropout: float = 0.05
     target_modules: tuple[str, ...] = field(default=("gate_proj", "up_proj", "down_proj"))
     kd_weight: float = 0.3

@@ -1,0 +1,106 @@
+"""The Ray Train worker: restore from the latest good checkpoint, run the engine, report per task.
+
+``train_fn_per_worker`` runs on every worker of a ``TorchTrainer``. Rank 0 writes each checkpoint
+(see :mod:`trainables.checkpoint`) and hands it to ``ray.train.report`` under a deterministic
+directory name; every rank reports the same metrics. On a restart (worker failure, or the same
+run name and storage launched again) ``ray.train.get_checkpoint()`` gives the newest reported
+checkpoint; if it does not verify, the previous one beside it in storage is used.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+
+from trainables.checkpoint import LoadedCheckpoint, Progress, latest_good, list_checkpoints, write_checkpoint
+from trainables.config import load_run_config_dict
+from trainables.engine import run_sequence
+
+KILL_AT_ENV = "MODE_CL_FAULT_KILL_AT"  # "task:step:marker" — fault injection for the resume tests
+
+
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Scalars only, for Tune schedulers and loggers: per-task accuracy as ``acc/<task>``."""
+    flat = {k: v for k, v in metrics.items() if isinstance(v, int | float) or v is None}
+    for task, value in zip(metrics.get("tasks", []), (metrics.get("acc_matrix") or [[]])[-1], strict=False):
+        flat[f"acc/{task}"] = value
+    for key in ("gen_acc", "gen_fd", "gen_nll"):
+        if metrics.get(key):
+            flat[key] = metrics[key][-1]
+    return flat
+
+
+class RayCheckpointer:
+    """Checkpoints through ``ray.train.report``; restores with a fallback to earlier good ones."""
+
+    def __init__(self, log, run_dir: str | None) -> None:
+        self.rank = ray.train.get_context().get_world_rank()
+        self.log = log
+        self.run_dir = Path(run_dir) if run_dir else None
+        self._download = None
+
+    def restore(self) -> LoadedCheckpoint | None:
+        # On a filesystem, every complete checkpoint is in the run directory, verified by its
+        # manifest. Ray may not have registered the newest one if the worker died right after
+        # writing it, so the directory, not get_checkpoint(), decides.
+        if self.run_dir is not None and list_checkpoints(self.run_dir):
+            return latest_good(list_checkpoints(self.run_dir), warn=lambda m: self.log(f"warning: {m}"))
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        path = Path(checkpoint.path)
+        if path.is_dir():
+            candidates = [p for p in list_checkpoints(path.parent) if p.name <= path.name]
+        else:  # object storage: only the newest one is fetched
+            self._download = tempfile.TemporaryDirectory()
+            candidates = [Path(checkpoint.to_directory(os.path.join(self._download.name, path.name)))]
+        return latest_good(candidates, warn=lambda m: self.log(f"warning: {m}"))
+
+    def save(self, progress: Progress, save_adapter, optimizer_state, metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                directory = write_checkpoint(Path(tmp) / progress.name, progress, save_adapter, optimizer_state)
+                checkpoint = ray.train.Checkpoint.from_directory(str(directory))
+            ray.train.report(
+                {**flat_metrics(metrics), "step": progress.step},
+                checkpoint=checkpoint,
+                checkpoint_dir_name=progress.name,
+            )
+
+
+def _fault_hook():
+    spec = os.environ.get(KILL_AT_ENV)
+    if not spec:
+        return None
+    task, step, marker = spec.split(":", 2)
+
+    def maybe_kill(task_index: int, step_done: int) -> None:
+        if (task_index, step_done) == (int(task), int(step)) and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return maybe_kill
+
+
+def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    config = load_run_config_dict(loop_config["config"])
+    rank = ray.train.get_context().get_world_rank()
+
+    def log(message: str) -> None:
+        if rank == 0:
+            print(f"[mode-cl worker] {message}", flush=True)
+
+    run_sequence(
+        config,
+        Path(loop_config["work_dir"]),
+        out_dir=None,
+        log=log,
+        checkpointer=RayCheckpointer(log, loop_config.get("run_dir")),
+        on_step=_fault_hook(),
+    )
