@@ -76,3 +76,15 @@ def test_wrong_schema_is_refused(tmp_path):
         read_tasks(tmp_path / "bad.parquet")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_tasks(tmp_path / "absent.parquet")
+
+
+def test_base_model_cache_key_changes_with_config_data_and_code(monkeypatch):
+    from trainables import base_model
+    from trainables.config import BaseModelConfig
+
+    key = base_model.base_key(BaseModelConfig(), SMALL)
+    assert base_model.base_key(BaseModelConfig(), SMALL) == key
+    assert base_model.base_key(BaseModelConfig(epochs=5), SMALL) != key
+    assert base_model.base_key(BaseModelConfig(), DigitsConfig(seed=1, task_train=40, task_test=20)) != key
+    monkeypatch.setattr(base_model, "code_version", lambda: "edited")
+    assert base_model.base_key(BaseModelConfig(), SMALL) != key
