@@ -85,6 +85,95 @@ def _pretrain_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def _space(path: str):
+    from orchestrator.space import load_space
+    from trainables.config import ConfigError
+
+    try:
+        return load_space(path)
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+
+
+def _validate(args: argparse.Namespace) -> int:
+    space = _space(args.space)
+    print(
+        f"{args.space}: ok — {space.size} trials ({space.search}, {space.scheduler['type']}), objective "
+        f"{space.objective_mode} {space.objective_metric}, {space.max_concurrent_trials} at a time"
+    )
+    return 0
+
+
+def _storage(args: argparse.Namespace) -> str:
+    return args.storage or str((Path(args.work_dir) / "sweeps").resolve())
+
+
+def _with_tracking(args: argparse.Namespace, body) -> int:
+    from rich.console import Console
+
+    from orchestrator.mlflow_server import resolve_tracking_uri, tracking_server
+
+    console = Console()
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if args.no_tracking:
+        return body(None, console)
+    if uri:
+        return body(uri, console)
+    with tracking_server(Path(args.work_dir) / "mlflow", log=console.print) as local_uri:
+        return body(local_uri, console)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from orchestrator.report import print_trials
+    from orchestrator.sweep import run_sweep
+
+    space = _space(args.space)
+    if args.name:
+        space.name = args.name
+
+    def body(uri, console):
+        try:
+            rows = run_sweep(space, Path(args.work_dir), _storage(args), uri, args.address, console.print)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        print_trials(rows, space.objective_metric, console)
+        console.print("browse the results: mode-cl ui")
+        return 0
+
+    return _with_tracking(args, body)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from orchestrator.report import print_trials
+    from orchestrator.sweep import resume_sweep
+
+    def body(uri, console):
+        try:
+            rows = resume_sweep(args.sweep, _storage(args), uri, args.address, console.print)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        print_trials(rows, "avg_acc", console)
+        return 0
+
+    return _with_tracking(args, body)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from orchestrator.report import report_trials
+    from orchestrator.sweep import SWEEP_FILE, sweep_dir
+
+    directory = sweep_dir(args.sweep, _storage(args))
+    if not (directory / SWEEP_FILE).is_file():
+        raise UsageError(f"no sweep at {directory}: check the name, or pass --storage where it was run")
+    return report_trials(directory, args.format, args.output)
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from orchestrator.mlflow_server import serve_forever
+
+    return serve_forever(Path(args.work_dir) / "mlflow", args.port)
+
+
 class UsageError(Exception):
     """Bad user input: printed as one line, exit code 2."""
 
@@ -116,6 +205,38 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = commands.add_parser("pretrain-base", help="pretrain (or find cached) the tiny base Chameleon")
     add_config_arguments(pretrain)
     pretrain.set_defaults(func=_pretrain_base)
+
+    validate = commands.add_parser("validate", help="check a sweep space without starting anything")
+    validate.add_argument("space", help="sweep space YAML (e.g. search_spaces/digits_sweep.yaml)")
+    validate.set_defaults(func=_validate)
+
+    def add_sweep_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--storage", help="sweep storage: dir, shared FS or s3:// (default <work-dir>/sweeps)")
+        sub.add_argument("--address", help="join this Ray cluster (default: start a local Ray)")
+        sub.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else an embedded one)")
+        sub.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+        sub.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="data/model/MLflow store")
+
+    sweep = commands.add_parser("sweep", help="run a Ray Tune sweep of task sequences, tracked in MLflow")
+    sweep.add_argument("space", help="sweep space YAML")
+    sweep.add_argument("--name", help="sweep name (default: the space's name)")
+    add_sweep_arguments(sweep)
+    sweep.set_defaults(func=_sweep)
+    resume = commands.add_parser("resume", help="resume an interrupted sweep (errored trials continue too)")
+    resume.add_argument("sweep", help="sweep name or directory")
+    add_sweep_arguments(resume)
+    resume.set_defaults(func=_resume)
+    report = commands.add_parser("report", help="every trial of a sweep: config, final metrics, status")
+    report.add_argument("sweep", help="sweep name or directory")
+    report.add_argument("--format", choices=("table", "json", "parquet"), default="table")
+    report.add_argument("--output", help="file for parquet (default <sweep dir>/trials.parquet)")
+    report.add_argument("--storage", help="where the sweep was run (default <work-dir>/sweeps)")
+    report.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
+    report.set_defaults(func=_report)
+    ui = commands.add_parser("ui", help="the MLflow UI for this project's store, on 127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
+    ui.set_defaults(func=_ui)
     return parser
 
 

@@ -43,3 +43,47 @@ def print_results(results: dict[str, Any], console: Console | None = None) -> No
         _f(results["gen_fd_increase"], 2),
     )
     console.print(summary)
+
+
+def print_trials(rows: list[dict[str, Any]], objective: str, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"trials (sorted by {objective})")
+    config_keys = sorted({k for r in rows for k in r if k.startswith("config.")})
+    for column in ("trial", "status", *(k.removeprefix("config.") for k in config_keys)):
+        table.add_column(column)
+    for column in ("tasks", "avg acc", "forgetting", "gen acc", "gen FD", "inter-modal"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            row["trial_id"],
+            row["status"],
+            *(str(row.get(k, "")) for k in config_keys),
+            str(row.get("tasks_done") if row.get("tasks_done") is not None else "—"),
+            _f(row.get("avg_acc")),
+            _f(row.get("forgetting")),
+            _f(row.get("gen_acc")),
+            _f(row.get("gen_fd"), 2),
+            _f(row.get("inter_modal_forgetting")),
+        )
+    console.print(table)
+
+
+def report_trials(directory, output_format: str, output: str | None) -> int:
+    import json
+    from pathlib import Path
+
+    from orchestrator.sweep import trial_table
+
+    rows = trial_table(Path(directory))
+    if output_format == "json":
+        print(json.dumps(rows, indent=2))
+    elif output_format == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        target = Path(output) if output else Path(directory) / "trials.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), target)
+        print(f"wrote {len(rows)} trials to {target}")
+    else:
+        print_trials(rows, "objective")
+    return 0

@@ -16,7 +16,7 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   # shellcheck disable=SC2086
-  "${PIP[@]}" install ${MODE_CL_TORCH_SPEC:-torch==2.13.0}
+  "${PIP[@]}" install ${MODE_CL_TORCH_SPEC:-torch==2.13.0} 2>&1 | grep -v "^WARNING: Location" || true
 fi
 EXTRAS=""
 [ "${1:-}" = "dev" ] && EXTRAS="[dev]"

@@ -174,8 +174,15 @@ def _to(batch, device: torch.device):
 
 def _metrics_so_far(config: RunConfig, progress: Progress) -> dict[str, Any]:
     done = progress.next_task
-    if done == 0:
-        return {"tasks_done": 0}
+    if done == 0:  # the base model: objective-style numbers exist already, forgetting does not
+        generation = progress.generation[0]
+        return {
+            "tasks_done": 0,
+            "avg_acc": float(np.mean(progress.acc_matrix[0])),
+            "gen_acc": [generation["accuracy"]],
+            "gen_fd": [generation["frechet"]],
+            "gen_nll": [generation["nll"]],
+        }
     matrix = [row[:done] for row in progress.acc_matrix[: done + 1]]
     summary = summarize(list(config.tasks[:done]), matrix, progress.generation[: done + 1])
     return {"tasks_done": done, **summary}

@@ -20,13 +20,14 @@ import ray.train
 from trainables.checkpoint import LoadedCheckpoint, Progress, latest_good, list_checkpoints, write_checkpoint
 from trainables.config import load_run_config_dict
 from trainables.engine import run_sequence
+from trainables.tracking import TrialTracker
 
 KILL_AT_ENV = "MODE_CL_FAULT_KILL_AT"  # "task:step:marker" — fault injection for the resume tests
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Scalars only, for Tune schedulers and loggers: per-task accuracy as ``acc/<task>``."""
-    flat = {k: v for k, v in metrics.items() if isinstance(v, int | float) or v is None}
+    """Scalars only (None dropped), for Tune schedulers and loggers: per-task accuracy as ``acc/<task>``."""
+    flat = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     for task, value in zip(metrics.get("tasks", []), (metrics.get("acc_matrix") or [[]])[-1], strict=False):
         flat[f"acc/{task}"] = value
     for key in ("gen_acc", "gen_fd", "gen_nll"):
@@ -38,9 +39,9 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 class RayCheckpointer:
     """Checkpoints through ``ray.train.report``; restores with a fallback to earlier good ones."""
 
-    def __init__(self, log, run_dir: str | None) -> None:
+    def __init__(self, log, run_dir: str | None, tracker: TrialTracker | None = None, tasks=()) -> None:
         self.rank = ray.train.get_context().get_world_rank()
-        self.log = log
+        self.log, self.tracker, self.tasks = log, tracker, list(tasks)
         self.run_dir = Path(run_dir) if run_dir else None
         self._download = None
 
@@ -67,6 +68,8 @@ class RayCheckpointer:
             if self.rank == 0:
                 directory = write_checkpoint(Path(tmp) / progress.name, progress, save_adapter, optimizer_state)
                 checkpoint = ray.train.Checkpoint.from_directory(str(directory))
+                if self.tracker is not None:
+                    self.tracker.log_progress(self.tasks, progress, metrics, directory)
             ray.train.report(
                 {**flat_metrics(metrics), "step": progress.step},
                 checkpoint=checkpoint,
@@ -96,11 +99,27 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[mode-cl worker] {message}", flush=True)
 
-    run_sequence(
+    tracker = None
+    tracking = loop_config.get("tracking")
+    if tracking and rank == 0:
+        tracker = TrialTracker(
+            tracking["uri"],
+            tracking["experiment_id"],
+            tracking["parent_run_id"],
+            tracking["trial_id"],
+            tracking["trial_name"],
+            config.to_dict(),
+            tracking["checkpoints"],
+        )
+    run_dir = loop_config.get("run_dir")
+    results = run_sequence(
         config,
         Path(loop_config["work_dir"]),
         out_dir=None,
         log=log,
-        checkpointer=RayCheckpointer(log, loop_config.get("run_dir")),
+        checkpointer=RayCheckpointer(log, run_dir, tracker, config.tasks),
         on_step=_fault_hook(),
     )
+    if tracker is not None:
+        final = Path(run_dir) / f"ckpt_t{len(config.tasks):02d}_s000000" if run_dir else None
+        tracker.finish(results, str(final) if final else None)

@@ -1,0 +1,283 @@
+"""Sweep spaces: one YAML file → the list of trials Ray Tune runs, validated before Ray starts.
+
+    name: digits_sweep
+    run_config: digits.yaml            # trials start from this run config (path relative to this file)
+    fixed: {resources.cpus_per_worker: 1}   # overrides applied to every trial
+    grid:                              # cartesian product; a value is a list (grid) or a distribution
+      method.r: [4, 8]
+      method.kd_weight: {loguniform: [0.05, 1.0]}
+      tasks: {orders: [[next, parity], [parity, next]]}   # or {permutations: 3, of: [...]} or {all_orders_of: [...]}
+    extra_trials: [{method.name: seq_lora}]   # appended once each (with the fixed overrides)
+    seeds: [0, 1]
+    objective: {metric: avg_acc, mode: max}
+    scheduler: {type: fifo}            # or {type: asha, grace_period: 1, reduction_factor: 2}
+    search: {type: grid}               # grid | random | optuna (optuna: distributions/choices only)
+    num_samples: 1                     # repetitions of the grid (random draws for distributions)
+    max_concurrent_trials: 2           # default: CPUs // CPUs per trial
+    tracking: {checkpoints: all}       # all | final | none: task checkpoints logged to MLflow
+
+Every error is one line naming the YAML path of the bad field (``grid.method.r[1]: must be > 0``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from trainables.config import ConfigError, RunConfig, apply_overrides, load_run_config, load_run_config_dict
+
+TOP_LEVEL = (
+    "name",
+    "run_config",
+    "fixed",
+    "grid",
+    "extra_trials",
+    "seeds",
+    "objective",
+    "scheduler",
+    "search",
+    "num_samples",
+    "max_concurrent_trials",
+    "tracking",
+)
+DISTRIBUTIONS = ("choice", "loguniform", "uniform", "randint")
+OBJECTIVE_METRICS = ("avg_acc", "forgetting", "bwt", "gen_acc", "gen_fd", "inter_modal_forgetting", "fwt")
+
+
+@dataclass
+class SweepSpace:
+    name: str
+    path: Path
+    base: dict[str, Any]  # the run config data the trials start from
+    fixed: dict[str, Any]
+    trials: list[dict[str, Any]]  # explicit overrides per trial (grid expanded, extras, seeds)
+    distributions: dict[str, tuple[str, list]]  # sampled per trial: path → (kind, args)
+    objective_metric: str = "avg_acc"
+    objective_mode: str = "max"
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "fifo"})
+    search: str = "grid"
+    num_samples: int = 1
+    max_concurrent_trials: int = 1
+    checkpoints_to_mlflow: str = "all"
+
+    def trial_config(self, overrides: dict[str, Any]) -> RunConfig:
+        return load_run_config_dict_from(self.base, {**self.fixed, **overrides})
+
+    @property
+    def size(self) -> int:
+        return len(self.trials) * self.num_samples
+
+
+def _yaml(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _fail(path: str, message: str) -> None:
+    raise ConfigError(f"{path}: {message}")
+
+
+def _unknown(path: str, key: str, known: tuple[str, ...] | list[str]) -> None:
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
+    _fail(f"{path}{key}" if path else str(key), f"unknown key{hint}")
+
+
+def _task_orders(value: Any, path: str, seed: int) -> list[list[str]]:
+    if isinstance(value, list):
+        return value
+    if not isinstance(value, dict) or len(value) == 0:
+        _fail(
+            path,
+            "expected a list of task orders or {orders: [...]}, {permutations: k, of: [...]}, {all_orders_of: [...]}",
+        )
+    if "orders" in value:
+        return value["orders"]
+    if "all_orders_of" in value:
+        return [list(p) for p in itertools.permutations(value["all_orders_of"])]
+    if "permutations" in value:
+        count, tasks = value["permutations"], value.get("of")
+        if not isinstance(count, int) or count <= 0:
+            _fail(f"{path}.permutations", f"expected a positive integer, got {count!r}")
+        if not isinstance(tasks, list) or not tasks:
+            _fail(f"{path}.of", "expected the list of tasks to permute")
+        rng = np.random.default_rng(seed)
+        return [list(rng.permutation(tasks)) for _ in range(count)]
+    _unknown(f"{path}.", next(iter(value)), ["orders", "permutations", "all_orders_of"])
+    return []
+
+
+def _check(base: dict[str, Any], overrides: dict[str, Any], path: str) -> None:
+    try:
+        load_run_config_dict_from(base, overrides)
+    except ConfigError as error:
+        message = str(error).split(": ", 1)[-1]
+        _fail(path, message)
+
+
+def load_run_config_dict_from(base: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
+    return load_run_config_dict(apply_overrides(base, [f"{k}={_yaml(v)}" for k, v in overrides.items()]))
+
+
+def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpace:
+    """Parse and fully validate a sweep space; raises :class:`ConfigError` with a one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: sweep space file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        raise ConfigError(f"{path}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sweep settings")
+    for key in data:
+        if key not in TOP_LEVEL:
+            _unknown("", key, TOP_LEVEL)
+
+    run_config_path = path.parent / data.get("run_config", "digits.yaml")
+    try:
+        load_run_config(run_config_path)
+        base = yaml.safe_load(run_config_path.read_text()) or {}
+    except ConfigError as error:
+        raise ConfigError(f"run_config ({run_config_path}): {error}") from None
+
+    fixed = data.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        _fail("fixed", "expected a mapping of config paths to values")
+    for key, value in fixed.items():
+        _check(base, {key: value}, f"fixed.{key}")
+
+    seeds = data.get("seeds", [0])
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        _fail("seeds", "expected a non-empty list of integers")
+
+    grid = data.get("grid") or {}
+    if not isinstance(grid, dict):
+        _fail("grid", "expected a mapping of config paths to value lists or distributions")
+    grid_values: dict[str, list] = {}
+    distributions: dict[str, tuple[str, list]] = {}
+    for key, value in grid.items():
+        key_path = f"grid.{key}"
+        if key == "tasks":
+            value = _task_orders(value, key_path, seed=seeds[0])
+        if isinstance(value, dict):
+            if len(value) != 1 or next(iter(value)) not in DISTRIBUTIONS:
+                _fail(key_path, f"expected a list of values or one of {{{', '.join(DISTRIBUTIONS)}: ...}}")
+            kind, args = next(iter(value.items()))
+            _check_distribution(base, fixed, key, kind, args, f"{key_path}.{kind}")
+            distributions[key] = (kind, args)
+            continue
+        if not isinstance(value, list) or not value:
+            _fail(key_path, "expected a non-empty list of values")
+        for index, item in enumerate(value):
+            _check(base, {**fixed, key: item}, f"{key_path}[{index}]")
+        grid_values[key] = value
+
+    extras = data.get("extra_trials") or []
+    if not isinstance(extras, list) or not all(isinstance(e, dict) for e in extras):
+        _fail("extra_trials", "expected a list of mappings of config overrides")
+    for index, extra in enumerate(extras):
+        for key, value in extra.items():
+            _check(base, {**fixed, key: value}, f"extra_trials[{index}].{key}")
+
+    combos = [dict(zip(grid_values, values, strict=True)) for values in itertools.product(*grid_values.values())]
+    if not grid_values:
+        combos = [{}] if not extras else []
+    trials = [{**combo, "seed": seed} for combo in combos for seed in seeds]
+    trials += [{**extra, "seed": seed} for extra in extras for seed in seeds]
+    for index, trial in enumerate(trials):  # combinations can be invalid together
+        _check(base, {**fixed, **trial}, f"grid (trial {index}: {trial})")
+
+    objective = data.get("objective") or {}
+    metric, mode = objective.get("metric", "avg_acc"), objective.get("mode", "max")
+    if metric not in OBJECTIVE_METRICS:
+        _fail("objective.metric", f"unknown metric {metric!r} (known: {', '.join(OBJECTIVE_METRICS)})")
+    if mode not in ("max", "min"):
+        _fail("objective.mode", f"expected max or min, got {mode!r}")
+
+    scheduler = data.get("scheduler") or {"type": "fifo"}
+    if scheduler.get("type") not in ("fifo", "asha"):
+        _fail("scheduler.type", f"expected fifo or asha, got {scheduler.get('type')!r}")
+    for key in scheduler:
+        if key not in ("type", "grace_period", "reduction_factor"):
+            _unknown("scheduler.", key, ["type", "grace_period", "reduction_factor"])
+
+    search = (data.get("search") or {"type": "grid"}).get("type", "grid")
+    if search not in ("grid", "random", "optuna"):
+        _fail("search.type", f"expected grid, random or optuna, got {search!r}")
+    if search == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            _fail("search.type", "optuna is not installed; pip install optuna, or use grid/random")
+        if grid_values:
+            _fail("grid", "optuna samples distributions only: write {choice: [...]} instead of plain lists")
+
+    num_samples = data.get("num_samples", 1)
+    if not isinstance(num_samples, int) or num_samples <= 0:
+        _fail("num_samples", f"expected a positive integer, got {num_samples!r}")
+
+    sample = load_run_config_dict_from(base, {**fixed, **(trials[0] if trials else {})})
+    cpus_per_trial = sample.resources.cpus_per_worker * sample.resources.num_workers
+    cpus = cpus_available if cpus_available is not None else os.cpu_count() or 1
+    if cpus_per_trial > cpus:
+        _fail(
+            "fixed.resources.cpus_per_worker",
+            f"a trial needs {cpus_per_trial} CPUs but only {cpus} are available; lower it or join a cluster",
+        )
+    concurrency = data.get("max_concurrent_trials", max(1, cpus // cpus_per_trial))
+    if not isinstance(concurrency, int) or concurrency <= 0:
+        _fail("max_concurrent_trials", f"expected a positive integer, got {concurrency!r}")
+
+    checkpoints = (data.get("tracking") or {}).get("checkpoints", "all")
+    if checkpoints not in ("all", "final", "none"):
+        _fail("tracking.checkpoints", f"expected all, final or none, got {checkpoints!r}")
+
+    name = data.get("name", path.stem)
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        _fail("name", "use letters, digits, '-' and '_' only")
+    return SweepSpace(
+        name=name,
+        path=path,
+        base=base,
+        fixed=fixed,
+        trials=trials,
+        distributions=distributions,
+        objective_metric=metric,
+        objective_mode=mode,
+        scheduler=scheduler,
+        search=search,
+        num_samples=num_samples,
+        max_concurrent_trials=concurrency,
+        checkpoints_to_mlflow=checkpoints,
+    )
+
+
+def _check_distribution(base, fixed, key: str, kind: str, args: Any, path: str) -> None:
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            _fail(path, "expected a non-empty list of values")
+        for index, item in enumerate(args):
+            _check(base, {**fixed, key: item}, f"{path}[{index}]")
+        return
+    if not isinstance(args, list) or len(args) != 2 or not all(isinstance(a, int | float) for a in args):
+        _fail(path, "expected [low, high]")
+    low, high = args
+    if not low < high or not all(math.isfinite(a) for a in args):
+        _fail(path, f"expected low < high, got {args}")
+    if kind == "loguniform" and low <= 0:
+        _fail(path, f"loguniform needs low > 0, got {low}")
+    for bound in (low, high):
+        _check(base, {**fixed, key: bound}, path)
