@@ -109,7 +109,7 @@ def _task_orders(value: Any, path: str, seed: int) -> list[list[str]]:
         if not isinstance(tasks, list) or not tasks:
             _fail(f"{path}.of", "expected the list of tasks to permute")
         rng = np.random.default_rng(seed)
-        return [list(rng.permutation(tasks)) for _ in range(count)]
+        return [[str(t) for t in rng.permutation(tasks)] for _ in range(count)]
     _unknown(f"{path}.", next(iter(value)), ["orders", "permutations", "all_orders_of"])
     return []
 

@@ -109,7 +109,9 @@ def _search(space: SweepSpace):
         return ConcurrencyLimiter(OptunaSearch(seed=0), max_concurrent=space.max_concurrent_trials)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=0)
+    # An explicit generator ignores TuneConfig.max_concurrent_trials: give it the limit itself, or
+    # every trial's Train controller waits for CPUs and times out starting its worker group.
+    return BasicVariantGenerator(random_state=0, max_concurrent=space.max_concurrent_trials)
 
 
 def progress_callback(total: int, metric: str, mode: str):
