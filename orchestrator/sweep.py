@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -251,10 +253,26 @@ def run_sweep(
     record["parent_run_id"] = tracking["parent_run_id"] if tracking else None
     record["experiment_id"] = tracking["experiment_id"] if tracking else None
     (directory / SWEEP_FILE).write_text(json.dumps(record, indent=2))
-    init_ray(address)
     log(f"sweep {space.name}: {space.size} trials, {space.max_concurrent_trials} at a time, storage {directory}")
-    _tuner(space, _context(space, work_dir, storage, tracking), storage, log).fit()
+    with _parent_status_on_failure(tracking):
+        init_ray(address)
+        _tuner(space, _context(space, work_dir, storage, tracking), storage, log).fit()
     return finish_sweep(directory, tracking_uri, log)
+
+
+@contextmanager
+def _parent_status_on_failure(tracking: dict[str, Any] | None) -> Iterator[None]:
+    """A sweep that dies with an exception (or Ctrl-C) marks its parent run FAILED / KILLED
+    instead of leaving it RUNNING; `mode-cl resume` sets it back to RUNNING."""
+    try:
+        yield
+    except BaseException as error:
+        if tracking:
+            from mlflow.tracking import MlflowClient
+
+            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            MlflowClient(tracking["tracking_uri"]).set_terminated(tracking["parent_run_id"], status)
+        raise
 
 
 def resume_sweep(name_or_path: str, storage: str, tracking_uri: str | None, address: str | None, log: Log):
@@ -273,10 +291,15 @@ def resume_sweep(name_or_path: str, storage: str, tracking_uri: str | None, addr
     if tracking_uri and record.get("parent_run_id"):
         tracking = {"tracking_uri": tracking_uri, "experiment_id": record["experiment_id"]}
         tracking["parent_run_id"] = record["parent_run_id"]
-    init_ray(address)
     log(f"resuming sweep {space.name} from {directory}")
     context = _context(space, Path(record["work_dir"]), record["storage"], tracking)
-    _tuner(space, context, record["storage"], log, restore_path=str(directory)).fit()
+    with _parent_status_on_failure(tracking):
+        if tracking:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(tracking_uri).update_run(tracking["parent_run_id"], status="RUNNING")
+        init_ray(address)
+        _tuner(space, context, record["storage"], log, restore_path=str(directory)).fit()
     return finish_sweep(directory, tracking_uri, log)
 
 
@@ -309,6 +332,9 @@ def finish_sweep(directory: Path, tracking_uri: str | None, log: Log) -> list[di
     record = json.loads((directory / SWEEP_FILE).read_text())
     if tracking_uri and record.get("parent_run_id"):
         _log_parent_summary(tracking_uri, record["parent_run_id"], rows)
+        registered = _register_best(tracking_uri, record, rows, directory.name)
+        if registered:
+            log(f"best trial's adapter registered in MLflow as {registered}")
     log(f"sweep finished: {sum(r['status'] == 'TERMINATED' for r in rows)}/{len(rows)} trials completed")
     return rows
 
@@ -348,6 +374,29 @@ def _log_parent_summary(tracking_uri: str, parent_run_id: str, rows: list[dict[s
         plt.close(figure)
         client.log_artifacts(parent_run_id, tmp)
     client.set_terminated(parent_run_id, "FINISHED")
+
+
+def _register_best(tracking_uri: str, record: dict[str, Any], rows: list[dict[str, Any]], sweep: str) -> str | None:
+    """Register the best finished trial's final adapter (its logged task checkpoint) in the MLflow
+    model registry as ``<sweep>-best``; None when no trial finished or checkpoints were not logged."""
+    from mlflow.tracking import MlflowClient
+
+    best = next((r for r in rows if r["status"] == "TERMINATED" and r.get("tasks_done")), None)
+    if best is None:
+        return None
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([record["experiment_id"]], filter_string=f"tags.trial_id = '{best['trial_id']}'")
+    if not runs:
+        return None
+    run_id, artifact = runs[0].info.run_id, f"checkpoints/task_{best['tasks_done']:02d}"
+    if not client.list_artifacts(run_id, artifact):
+        return None
+    name = f"{sweep}-best"
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description="final adapter of the best trial of a mode-cl sweep")
+    version = client.create_model_version(name, f"runs:/{run_id}/{artifact}", run_id=run_id)
+    client.set_tag(record["parent_run_id"], "best_trial_id", best["trial_id"])
+    return f"{name} v{version.version}"
 
 
 def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -88,6 +88,10 @@ def test_micro_sweep_is_tracked_in_mlflow_and_report_agrees(tmp_path, mlflow_uri
             a.path for a in client.list_artifacts(child.info.run_id, "checkpoints")
         }
         assert child.data.tags["ray_checkpoint"].endswith("ckpt_t02_s000000")
+    best = client.get_run(parents[0].info.run_id).data.tags["best_trial_id"]
+    version = client.search_model_versions("name = 'e2e-best'")[0]
+    assert version.run_id == next(c.info.run_id for c in children if c.data.tags["trial_id"] == best)
+    assert version.source.endswith("checkpoints/task_02")
     parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"trials.parquet", "trials.csv", "pareto.png", "e2e.yaml"} <= parent_artifacts
 

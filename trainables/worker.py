@@ -66,6 +66,8 @@ class RayCheckpointer:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.rank == 0:
+                if self.tracker is not None:
+                    progress.run_id = self.tracker.run_id
                 directory = write_checkpoint(Path(tmp) / progress.name, progress, save_adapter, optimizer_state)
                 checkpoint = ray.train.Checkpoint.from_directory(str(directory))
                 if self.tracker is not None:
