@@ -166,9 +166,18 @@ def _context(space: SweepSpace, work_dir: Path, storage: str, tracking: dict[str
 
 
 def _tuner(space: SweepSpace, context: dict[str, Any], storage: str, log: Log, restore_path: str | None = None):
+    import ray
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(train_driver_fn, context=context), {"CPU": 0.01})
+    from orchestrator.train import DRIVER_RESOURCE
+
+    if not ray.cluster_resources().get(DRIVER_RESOURCE):
+        raise ValueError(
+            f"the Ray cluster has no {DRIVER_RESOURCE} resource for sweep drivers; start the head with "
+            f"ray start --head --resources='{{\"{DRIVER_RESOURCE}\": 8}}' (cluster.yaml does)"
+        )
+    driver = tune.with_parameters(train_driver_fn, context=context)
+    trainable = tune.with_resources(driver, {DRIVER_RESOURCE: 0.01})
     if restore_path is not None:
         return tune.Tuner.restore(restore_path, trainable=trainable, resume_errored=True)
     param_space: dict[str, Any] = {"trial": tune.grid_search(space.trials)}

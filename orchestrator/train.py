@@ -24,6 +24,12 @@ def default_run_name(config: RunConfig) -> str:
     return f"{config.method.name}-{config.config_hash()}"
 
 
+# Sweep trial drivers reserve a sliver of this custom resource instead of CPU: a fractional CPU per
+# driver leaves e.g. 0.98 of the second core free, so a second 1-CPU Train worker never fits.
+# cluster.yaml gives the head node TRAIN_DRIVER, which also keeps drivers off preemptible workers.
+DRIVER_RESOURCE = "TRAIN_DRIVER"
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join ``address`` or start a local Ray with the dashboard bound to 127.0.0.1 (the dashboard
     process is what frees the placement groups of stopped trials)."""
@@ -35,7 +41,13 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(
+            num_cpus=num_cpus,
+            resources={DRIVER_RESOURCE: 1.0},
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+        )
 
 
 def run_with_ray(

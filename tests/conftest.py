@@ -10,6 +10,22 @@ from trainables.vocab import TokenIds
 
 WORDS = ("what", "digit", "is", "this", "draw", "zero", "one", "two", "three", "even", "odd")
 NUM_CODES = 16
+# A 2-task sequence on a 1-layer base model that pretrains in seconds: the engine, Ray and sweep
+# tests all start from it (as --set overrides).
+MICRO_RUN = [
+    "tasks=[parity, bigsmall]",
+    "base.hidden_size=32",
+    "base.intermediate_size=64",
+    "base.num_hidden_layers=1",
+    "base.epochs=1",
+    "data.task_train=48",
+    "data.task_test=24",
+    "train.epochs=1",
+    "train.batch_size=16",
+    "eval.gen_samples_per_digit=2",
+    "method.r=2",
+    "method.num_experts=2",
+]
 ARCH = TinyChameleonConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
 
 

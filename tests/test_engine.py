@@ -8,23 +8,11 @@ import shutil
 import pytest
 
 from orchestrator.cli import main
+from tests.conftest import MICRO_RUN
 from trainables.config import ConfigError, load_run_config
 from trainables.engine import run_sequence
 
-MICRO = [
-    "tasks=[parity, bigsmall]",
-    "base.hidden_size=32",
-    "base.intermediate_size=64",
-    "base.num_hidden_layers=1",
-    "base.epochs=1",
-    "data.task_train=48",
-    "data.task_test=24",
-    "train.epochs=1",
-    "train.batch_size=16",
-    "eval.gen_samples_per_digit=2",
-    "method.r=2",
-    "method.num_experts=2",
-]
+MICRO = MICRO_RUN
 
 
 @pytest.fixture(scope="module")

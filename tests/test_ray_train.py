@@ -8,22 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import MICRO_RUN
 from trainables.config import load_run_config
 from trainables.engine import run_sequence
 
 MICRO = [
+    *MICRO_RUN,
     "tasks=[parity, bigsmall, next]",
-    "base.hidden_size=32",
-    "base.intermediate_size=64",
-    "base.num_hidden_layers=1",
-    "base.epochs=1",
-    "data.task_train=48",
-    "data.task_test=24",
-    "train.epochs=1",
-    "train.batch_size=16",
-    "eval.gen_samples_per_digit=2",
-    "method.r=2",
-    "method.num_experts=2",
     "resources.cpus_per_worker=1",
     "checkpoint.every_steps=1",
     "checkpoint.num_to_keep=0",
