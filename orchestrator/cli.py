@@ -48,15 +48,13 @@ def _load_config(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from orchestrator.report import print_results
+    from orchestrator.report import print_results, wide_console
 
     config = _load_config(args)
     work_dir = Path(args.work_dir).resolve()
     name = args.name or f"{config.method.name}-{config.config_hash()}"
     out = Path(args.out) if args.out else work_dir / "runs" / name
-    console = Console()
+    console = wide_console()
     path = "in-process" if args.no_ray else "Ray Train"
     console.print(
         f"[bold]mode-cl run[/] ({path}): method {config.method.name}, tasks {list(config.tasks)}, seed {config.seed}"
@@ -109,11 +107,10 @@ def _storage(args: argparse.Namespace) -> str:
 
 
 def _with_tracking(args: argparse.Namespace, body) -> int:
-    from rich.console import Console
-
     from orchestrator.mlflow_server import resolve_tracking_uri, tracking_server
+    from orchestrator.report import wide_console
 
-    console = Console()
+    console = wide_console()
     uri = resolve_tracking_uri(args.tracking_uri)
     if args.no_tracking:
         return body(None, console)

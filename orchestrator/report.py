@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+
+def wide_console() -> Console:
+    """A console that does not squeeze tables to 80 columns when output goes to a file or pipe."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def _f(value: float | None, digits: int = 3) -> str:
@@ -13,7 +19,7 @@ def _f(value: float | None, digits: int = 3) -> str:
 
 
 def print_results(results: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or wide_console()
     tasks = results["tasks"]
     matrix = Table(title=f"accuracy matrix ({results['method']}, seed {results['seed']}) and generation per stage")
     matrix.add_column("after")
@@ -46,7 +52,7 @@ def print_results(results: dict[str, Any], console: Console | None = None) -> No
 
 
 def print_trials(rows: list[dict[str, Any]], objective: str, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or wide_console()
     table = Table(title=f"trials (sorted by {objective})")
     config_keys = sorted({k for r in rows for k in r if k.startswith("config.")})
     for column in ("trial", "status", *(k.removeprefix("config.") for k in config_keys)):

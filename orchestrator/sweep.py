@@ -127,14 +127,16 @@ def progress_callback(total: int, metric: str, mode: str):
             self.ended: set[str] = set()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            value = result.get(metric)
-            if value is None or result.get("step", 0) != 0 or result.get("tasks_done", 0) == 0:
-                return
-            if self.best is None or (value > self.best[0] if mode == "max" else value < self.best[0]):
-                self.best = (value, trial.trial_id)
-            self._print(trials)
+            if result.get("step", 0) == 0 and result.get("tasks_done", 0) > 0:  # a task just ended
+                self._print(trials)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            # Only finished trials compete: an early stage's average over fewer tasks is not comparable.
+            value = (trial.last_result or {}).get(metric)
+            if value is not None and (
+                self.best is None or (value > self.best[0] if mode == "max" else value < self.best[0])
+            ):
+                self.best = (value, trial.trial_id)
             self.ended.add(trial.trial_id)
             self._print(trials)
 
@@ -146,7 +148,7 @@ def progress_callback(total: int, metric: str, mode: str):
             from rich.console import Console
 
             running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
-            best = f"{metric} {self.best[0]:.3f} (trial {self.best[1]})" if self.best else "—"
+            best = f"{metric} {self.best[0]:.3f} (trial {self.best[1]})" if self.best else "— (no trial finished yet)"
             Console(soft_wrap=True).print(
                 f"[bold]\\[sweep][/] trials done {len(self.ended)}/{total}, running {running}, best so far: {best}"
             )

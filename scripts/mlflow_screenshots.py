@@ -55,6 +55,12 @@ def main() -> None:
         shoot(
             f"{base}/runs/{child.info.run_id}/artifacts/forgetting_curves.png", out / "mlflow_trial_plots.png", profile
         )
+        parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+        shoot(f"{base}/runs/{parent.info.run_id}/artifacts/pareto.png", out / "mlflow_sweep_pareto.png", profile)
+        children = [r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        ids = ",".join(f"%22{run_id}%22" for run_id in children)
+        compare = f"{uri}/#/compare-runs?runs=[{ids}]&experiments=[%22{experiment.experiment_id}%22]"
+        shoot(compare, out / "mlflow_sweep_children.png", profile)
         shutil.rmtree(profile, ignore_errors=True)
 
 
