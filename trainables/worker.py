@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
 
     def log(message: str) -> None:
+        # stderr: Ray Train V2 echoes a worker's stdout to the driver twice.
         if rank == 0:
-            print(f"[mode-cl worker] {message}", flush=True)
+            print(f"[mode-cl worker] {message}", file=sys.stderr, flush=True)
 
     tracker = None
     tracking = loop_config.get("tracking")
