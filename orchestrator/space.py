@@ -101,7 +101,10 @@ def _task_orders(value: Any, path: str, seed: int) -> list[list[str]]:
     if "orders" in value:
         return value["orders"]
     if "all_orders_of" in value:
-        return [list(p) for p in itertools.permutations(value["all_orders_of"])]
+        tasks = value["all_orders_of"]
+        if not isinstance(tasks, list) or not tasks:
+            _fail(f"{path}.all_orders_of", "expected the list of tasks to order")
+        return [list(p) for p in itertools.permutations(tasks)]
     if "permutations" in value:
         count, tasks = value["permutations"], value.get("of")
         if not isinstance(count, int) or count <= 0:
@@ -142,7 +145,15 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
         if key not in TOP_LEVEL:
             _unknown("", key, TOP_LEVEL)
 
-    run_config_path = path.parent / data.get("run_config", "digits.yaml")
+    run_config = data.get("run_config", "digits.yaml")
+    if not isinstance(run_config, str):
+        _fail("run_config", "expected the path of a run config YAML, e.g. digits.yaml")
+    for key in ("objective", "scheduler", "search", "tracking"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            _fail(
+                key, f"expected a mapping, e.g. {key}: {{{'type: asha' if key != 'objective' else 'metric: avg_acc'}}}"
+            )
+    run_config_path = path.parent / run_config
     try:
         load_run_config(run_config_path)
         base = yaml.safe_load(run_config_path.read_text()) or {}
@@ -265,6 +276,24 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
     )
 
 
+def _is_int_field(key: str) -> bool:
+    """Whether a dotted config path names an integer field (e.g. method.r)."""
+    import dataclasses
+
+    cls: Any = RunConfig
+    for part in key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            return False
+        annotation = str(fields[part].type)
+        nested = fields[part].default_factory if fields[part].default_factory is not dataclasses.MISSING else None
+        if nested is not None and dataclasses.is_dataclass(nested):
+            cls = nested
+            continue
+        return annotation.split("|")[0].strip() == "int"
+    return False
+
+
 def _check_distribution(base, fixed, key: str, kind: str, args: Any, path: str) -> None:
     if kind == "choice":
         if not isinstance(args, list) or not args:
@@ -277,6 +306,8 @@ def _check_distribution(base, fixed, key: str, kind: str, args: Any, path: str) 
     low, high = args
     if not low < high or not all(math.isfinite(a) for a in args):
         _fail(path, f"expected low < high, got {args}")
+    if kind in ("loguniform", "uniform") and _is_int_field(key):
+        _fail(path, f"{key} takes integers: use {{randint: [low, high_exclusive]}} or {{choice: [...]}}")
     if kind == "loguniform" and low <= 0:
         _fail(path, f"loguniform needs low > 0, got {low}")
     for bound in (low, high):

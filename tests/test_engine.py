@@ -94,11 +94,30 @@ def test_truncated_latest_checkpoint_falls_back_with_a_warning(work_dir, tmp_pat
         (["method.kd_weight=-1"], "method.kd_weight: must be ≥ 0"),
         (["method.kd_weight=.nan"], "finite"),
         (["train.epochs=two"], "train.epochs: expected an integer"),
+        (["train.grad_clip=0"], "train.grad_clip: must be > 0"),
+        (["seed=-1"], "seed: must be ≥ 0"),
+        (["method.name=[mode]"], "method.name: unknown method"),
+        (["seed=2024-01-01"], "seed: expected an integer"),
+        (["tasks=[next, parity"], "not valid YAML"),
+        (["base.hidden_size=30"], "multiple of base.num_attention_heads"),
+        (["train.warmup_ratio=1.5"], "warmup_ratio must be in"),
     ],
 )
 def test_bad_config_names_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config(None, overrides)
+
+
+def test_yaml_floats_without_a_dot_are_numbers(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("train: {lr: 3e-3}\n")
+    assert load_run_config(config_file).train.lr == 0.003
+    config_file.write_text("seed: 2024-01-01\n")
+    with pytest.raises(ConfigError, match="unsupported value type"):
+        load_run_config(config_file)
+    config_file.write_text("just a string\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_run_config(config_file, ["seed=1"])
 
 
 def test_cli_reports_bad_config_in_one_line_with_exit_code_2(tmp_path, capsys):

@@ -1,7 +1,8 @@
 """Save and load adapter tensors as safetensors plus a JSON config, atomically and strictly.
 
-The directory holds ``adapter.safetensors`` and ``adapter_config.json``. Files are written under
-temporary names and renamed into place, so a crash never leaves a half-written adapter. Loading
+The directory holds ``adapter.safetensors`` and ``adapter_config.json``. Each file is written under
+a temporary name and renamed into place, so neither is ever half-written (a crash between the two
+renames can pair a new weights file with the old config; checkpoints add a manifest for that). Loading
 checks the config and every key and shape before touching the model: a mismatch raises
 :class:`AdapterMismatchError` naming what differs, never a silent partial load.
 """

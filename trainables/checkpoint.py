@@ -83,9 +83,14 @@ def write_checkpoint(
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    # Same name only when a resumed run rewrites a position it had reached: move the old one aside
+    # first, so at every instant one complete checkpoint of that name exists or is recoverable.
+    old = directory.with_name(f".{directory.name}.old")
     if directory.exists():
-        shutil.rmtree(directory)
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
     tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
@@ -141,7 +146,7 @@ def latest_good(candidates: list[Path], warn: Callable[[str], None] | None = Non
     for directory in sorted(candidates, key=lambda p: p.name, reverse=True):
         try:
             return read_checkpoint(directory)
-        except (CorruptCheckpointError, OSError, ValueError, RuntimeError) as error:
+        except (CorruptCheckpointError, OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
             message = f"checkpoint {directory.name} is unusable ({error}); falling back to the previous one"
             (warn or (lambda m: warnings.warn(m, stacklevel=2)))(message)
     return None

@@ -77,7 +77,7 @@ class ResourcesConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 0  # also checkpoint every N optimizer steps inside a task (0 = at task ends only)
-    num_to_keep: int = 2  # ≥ 2 so a corrupt newest checkpoint can fall back; 0 keeps all
+    num_to_keep: int = 2  # 0 keeps all; keep ≥ 2 so a corrupt newest checkpoint can fall back
     max_failures: int = 3  # Ray Train restarts of a failed worker group, each from the latest checkpoint
 
 
@@ -93,6 +93,14 @@ class RunConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def __post_init__(self) -> None:
+        if self.base.hidden_size % self.base.num_attention_heads:
+            raise ValueError("base.hidden_size must be a multiple of base.num_attention_heads")
+        if not 0.0 <= self.train.warmup_ratio < 1.0:
+            raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.train.warmup_ratio}")
+        if not 0 < self.data.test_images < 1797 - 100:
+            raise ValueError("data.test_images must leave at least 100 of the 1,797 digits for training")
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
 
@@ -103,8 +111,8 @@ class RunConfig:
 POSITIVE_INTS = {"epochs", "batch_size", "r", "num_experts", "hidden_size", "intermediate_size", "num_hidden_layers"}
 POSITIVE_INTS |= {"num_workers", "cpus_per_worker"}
 POSITIVE_INTS |= {"num_attention_heads", "gen_samples_per_digit", "levels", "task_train", "task_test", "test_images"}
-POSITIVE_FLOATS = {"lr", "alpha", "kd_temperature", "gpus_per_worker"}
-NON_NEGATIVE = {"kd_weight", "grad_clip", "weight_decay", "gen_temperature", "every_steps", "num_to_keep"}
+POSITIVE_FLOATS = {"lr", "alpha", "kd_temperature", "gpus_per_worker", "grad_clip"}
+NON_NEGATIVE = {"kd_weight", "weight_decay", "seed", "gen_temperature", "every_steps", "num_to_keep"}
 NON_NEGATIVE |= {"max_failures"}
 
 
@@ -112,6 +120,9 @@ def _check_value(path: str, name: str, value: Any, expected: Any) -> Any:
     if expected in (int, "int") and (not isinstance(value, int) or isinstance(value, bool)):
         raise ConfigError(f"{path}: expected an integer, got {value!r}")
     if expected in (float, "float"):
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         value = float(value)
@@ -154,7 +165,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
                 raise ConfigError(f"{path}: expected a non-empty list of module names, e.g. [gate_proj, up_proj]")
             kwargs[key] = tuple(value)
         elif key == "name" and cls is MethodConfig:
-            if value not in METHODS:
+            if not isinstance(value, str) or value not in METHODS:
                 close = difflib.get_close_matches(str(value), list(METHODS), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ConfigError(f"{path}: unknown method {value!r}{hint} (known: {', '.join(METHODS)})")
@@ -187,12 +198,20 @@ def _tasks(value: Any, path: str) -> tuple[str, ...]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` strings (values parsed as YAML) to a copy of ``data``."""
-    result = json.loads(json.dumps(data))
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of settings, got {type(data).__name__}")
+    try:
+        result = json.loads(json.dumps(data))
+    except TypeError as error:  # e.g. a YAML date
+        raise ConfigError(f"config: unsupported value type ({error}); use numbers, strings and lists") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set method=seq_lora")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
         if isinstance(value, str):
             with contextlib.suppress(ValueError):  # YAML 1.1 reads "3e-3" as a string
                 value = float(value)

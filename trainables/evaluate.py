@@ -58,10 +58,11 @@ def image_nll(model: nn.Module, samples: SampleSet, builder: SequenceBuilder) ->
     total, count = 0.0, 0
     for start in range(0, len(samples), 256):
         batch = samples.batch(range(start, min(start + 256, len(samples))))
-        logits = restrict_logits(
-            causal_lm_logits(model, batch.input_ids), label_space(builder.ids, batch.is_generation)
-        )
-        labels = answer_labels(batch.input_ids, batch.attention_mask, builder.ids.separator)
+        device = _device(model)
+        input_ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
+        space = label_space(builder.ids, batch.is_generation.to(device))
+        logits = restrict_logits(causal_lm_logits(model, input_ids, attention), space)
+        labels = answer_labels(input_ids, attention, builder.ids.separator)
         n = int((labels[:, 1:] != -100).sum())
         total += shifted_cross_entropy(logits, labels).item() * n
         count += n

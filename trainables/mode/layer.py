@@ -64,8 +64,9 @@ class MoDELinear(nn.Module):
 
     def router_gates(self, x: torch.Tensor) -> torch.Tensor:
         """Dense softmax over experts, in fp32: ``[..., E]``."""
-        logits = torch.nn.functional.linear(x.float(), self.mode_text_router.float())
-        return torch.softmax(logits, dim=-1)
+        with torch.autocast(x.device.type, enabled=False):  # bf16 autocast would recast the inputs
+            logits = torch.nn.functional.linear(x.float(), self.mode_text_router.float())
+            return torch.softmax(logits, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
