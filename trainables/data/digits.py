@@ -19,6 +19,7 @@ Parquet schema of ``tasks.parquet`` (one row per sample):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -95,7 +96,9 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return data.images.reshape(len(data.images), -1).astype(np.uint8), data.target.astype(np.int64)
 
 
+@functools.lru_cache(maxsize=8)
 def data_hash(config: DigitsConfig) -> str:
+    """Hash of the build config and the raw dataset; memoized (every run start asks several times)."""
     images, labels = _digits()
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
     digest.update(images.tobytes())
