@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,6 +74,7 @@ def train_driver_fn(trial: dict[str, Any], context: dict[str, Any]) -> None:
             "work_dir": context["work_dir"],
             "run_dir": str(Path(storage) / name) if "://" not in storage else None,
             "tracking": tracking,
+            "submitted_at": time.time(),  # for the overhead breakdown: until the engine starts
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker

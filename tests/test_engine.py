@@ -46,7 +46,7 @@ def test_micro_sequence_produces_results_and_checkpoints(work_dir, tmp_path):
 
 
 def _comparable(results):
-    return {k: v for k, v in results.items() if k != "task_log"}
+    return {k: v for k, v in results.items() if k not in ("task_log", "timings")}
 
 
 def test_resume_mid_task_reproduces_the_uninterrupted_run(work_dir, tmp_path):
@@ -128,3 +128,21 @@ def test_cli_reports_bad_config_in_one_line_with_exit_code_2(tmp_path, capsys):
     assert err.startswith("mode-cl: error:") and "not valid YAML" in err and "\n" not in err
     assert main(["run", "--set", "method.r=-1", "--work-dir", str(tmp_path / "w")]) == 2
     assert not (tmp_path / "w").exists()
+
+
+def test_cached_teacher_runs_like_the_live_teacher_and_is_shared_between_runs(work_dir, tmp_path):
+    messages: list[str] = []
+    cached = run_sequence(load_run_config(None, MICRO), work_dir, tmp_path / "cached", log=messages.append)
+    live = run_sequence(
+        load_run_config(None, [*MICRO, "method.kd_teacher=live"]), work_dir, tmp_path / "live", log=lambda _: None
+    )
+    # Same arithmetic up to float rounding: losses agree closely, metrics (thresholded) exactly here.
+    for cached_losses, live_losses in zip(cached["losses"], live["losses"], strict=True):
+        assert cached_losses == pytest.approx(live_losses, rel=1e-4)
+    assert cached["acc_matrix"] == live["acc_matrix"]
+    assert set(cached["timings"]) >= {"data", "base_model", "model", "teacher_cache", "evaluate", "train", "total"}
+    assert "teacher_cache" not in live["timings"]
+    messages.clear()
+    again = run_sequence(load_run_config(None, [*MICRO, "seed=1"]), work_dir, tmp_path / "again", log=messages.append)
+    assert any("teacher cache" in m and ": read" in m for m in messages)
+    assert again["timings"]["teacher_cache"] < cached["timings"]["total"]

@@ -11,10 +11,11 @@ Plain Python, no Ray: the CLI's in-process path, the tests and (later) the Ray T
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,9 @@ from trainables.config import RunConfig
 from trainables.data.digits import GENERATION_TASK, SequenceBuilder, build_digits, data_hash, read_tasks, vocabulary
 from trainables.data.tokenizers import PixelQuantizer
 from trainables.evaluate import ReferenceClassifier, answer_accuracy, generation_scores
-from trainables.methods import build_method
+from trainables.methods import METHODS, build_method
 from trainables.metrics import average_accuracy, backward_transfer, forgetting, forward_transfer, inter_modal_forgetting
+from trainables.teacher_cache import TeacherCache, load_or_build, model_fingerprint
 from trainables.vocab import TokenIds
 
 Log = Callable[[str], None]
@@ -169,7 +171,27 @@ def _stream_picks(config: RunConfig, task_index: int, step: int, size: int, coun
 
 
 def _to(batch, device: torch.device):
-    return dataclasses.replace(batch, **{k: v.to(device) for k, v in vars(batch).items()})
+    return dataclasses.replace(batch, **{k: v.to(device) for k, v in vars(batch).items() if v is not None})
+
+
+def uses_teacher_cache(config: RunConfig) -> bool:
+    method = config.method
+    return method.kd_teacher == "cached" and method.kd_weight > 0 and METHODS[method.name].USES_KD
+
+
+class PhaseTimer:
+    """Wall seconds per phase of a run (summed over repeats), for the overhead breakdown."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
 
 
 def _metrics_so_far(config: RunConfig, progress: Progress) -> dict[str, Any]:
@@ -202,22 +224,45 @@ def run_sequence(
     resumes from the newest good one; ``results.json`` is written to ``out_dir`` at the end.
     """
     started = time.perf_counter()
+    started_at = time.time()
+    timer = PhaseTimer()
     dist = Distributed()
     device = torch.device("cuda" if config.resources.use_gpu and torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(config.resources.cpus_per_worker)
     if checkpointer is None and out_dir is not None:
         checkpointer = LocalCheckpointer(Path(out_dir) / "checkpoints", config.checkpoint.num_to_keep, log)
-    task_file = prepare_data(config, work_dir)
-    base_dir = pretrain_base(config.base, config.data, task_file, Path(work_dir), show_progress=dist.rank == 0)
+    with timer("data"):
+        task_file = prepare_data(config, work_dir)
+    with timer("base_model"):
+        base_dir = pretrain_base(config.base, config.data, task_file, Path(work_dir), show_progress=dist.rank == 0)
 
     torch.manual_seed(config.seed)
-    bench = DigitsBenchmark(config, task_file)
-    method = build_method(config.method, bench.ids)
-    model = method.attach(load_base(base_dir)).to(device)
-    params = list(method.trainable_parameters(model))
+    with timer("benchmark"):
+        bench = DigitsBenchmark(config, task_file)
+    with timer("model"):
+        method = build_method(config.method, bench.ids)
+        base = load_base(base_dir)
+        base_fingerprint = model_fingerprint(base) if uses_teacher_cache(config) else None
+        model = method.attach(base).to(device)
+        params = list(method.trainable_parameters(model))
 
-    restored = checkpointer.restore() if checkpointer is not None else None
+    teacher_cache: TeacherCache | None = None
+    if base_fingerprint is not None:
+        with timer("teacher_cache"):
+            teacher_cache = load_or_build(
+                Path(work_dir) / "teacher_cache",
+                base_fingerprint,
+                bench.stream,
+                int(bench.ids.image_vocab_mask().sum()),
+                config.method.kd_top_k,
+                lambda ids, mask: method.teacher_logits(model, ids, mask),
+                device,
+                log,
+            )
+
+    with timer("restore"):
+        restored = checkpointer.restore() if checkpointer is not None else None
     if restored is not None:
         progress = restored.progress
         if progress.config_hash != config.config_hash():
@@ -232,13 +277,16 @@ def run_sequence(
         progress = Progress(config_hash=config.config_hash(), config=config.to_dict())
 
     def save(optimizer_state: dict[str, Any] | None) -> None:
-        if checkpointer is not None:
+        if checkpointer is None:
+            return
+        with timer("checkpoint"):
             checkpointer.save(
                 progress, lambda d: method.save(model, d), optimizer_state, _metrics_so_far(config, progress)
             )
 
     if not progress.acc_matrix:
-        row, scores = dist.from_rank0(bench.evaluate(model, 0) if dist.rank == 0 else None)
+        with timer("evaluate"):
+            row, scores = dist.from_rank0(bench.evaluate(model, 0) if dist.rank == 0 else None)
         progress.acc_matrix.append(row)
         progress.generation.append(scores)
         log(f"stage 0 (base): acc {_fmt(row)}  gen acc {scores['accuracy']:.3f}  gen FD {scores['frechet']:.2f}")
@@ -248,7 +296,8 @@ def run_sequence(
     for task_index in range(progress.next_task, len(config.tasks)):
         task = config.tasks[task_index]
         task_started = time.perf_counter()
-        samples = bench.train_set(task)
+        with timer("data"):
+            samples = bench.train_set(task)
         per_epoch = -(-len(samples) // train.batch_size)
         total_steps = train.epochs * per_epoch
         optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
@@ -262,13 +311,18 @@ def run_sequence(
             progress.losses.append([])
         model.train()
         for step in range(progress.step, total_steps):
+            step_started = time.perf_counter()
             epoch, position = divmod(step, per_epoch)
             order = _batch_order(config, task_index, epoch, len(samples))
             batch = _to(samples.batch(dist.shard(order[position * train.batch_size :][: train.batch_size])), device)
             stream = None
             if method.USES_KD:
                 picks = _stream_picks(config, task_index, step, len(bench.stream), train.batch_size)
-                stream = _to(bench.stream.stream_batch_of(dist.shard(picks)), device)
+                stream = bench.stream.stream_batch_of(dist.shard(picks))
+                if teacher_cache is not None:
+                    width = stream.input_ids.shape[1]
+                    stream.teacher_logits, stream.teacher_index = teacher_cache.batch(dist.shard(picks), width)
+                stream = _to(stream, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 terms = method.loss_terms(model, batch, stream)
                 loss = sum(terms.values())
@@ -280,12 +334,15 @@ def run_sequence(
             schedule.step()
             progress.losses[task_index].append(dist.mean(loss.item()))
             progress.step = step + 1
+            timer.seconds["train"] = timer.seconds.get("train", 0.0) + time.perf_counter() - step_started
             if on_step is not None:
-                on_step(task_index, progress.step)
+                with timer("tracking"):
+                    on_step(task_index, progress.step)
             every = config.checkpoint.every_steps
             if every > 0 and progress.step % every == 0 and progress.step < total_steps:
                 save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
-        row, scores = dist.from_rank0(bench.evaluate(model, task_index + 1) if dist.rank == 0 else None)
+        with timer("evaluate"):
+            row, scores = dist.from_rank0(bench.evaluate(model, task_index + 1) if dist.rank == 0 else None)
         progress.acc_matrix.append(row)
         progress.generation.append(scores)
         progress.task_log.append({"task": task_index, "event": "end", "step": progress.step})
@@ -298,7 +355,9 @@ def run_sequence(
             f"[{time.perf_counter() - task_started:.1f}s]"
         )
     results = results_from_progress(config, progress)
-    log(f"sequence finished in {time.perf_counter() - started:.1f}s")
+    timer.seconds["total"] = time.perf_counter() - started
+    results["timings"] = {"started_at": started_at, **{k: round(v, 3) for k, v in timer.seconds.items()}}
+    log(f"sequence finished in {time.perf_counter() - started:.1f}s ({_fmt_timings(timer.seconds)})")
     if out_dir is not None and dist.rank == 0:
         write_results(results, Path(out_dir))
     return results
@@ -323,6 +382,10 @@ def write_results(results: dict[str, Any], out_dir: Path) -> Path:
     tmp = out_dir / ".results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))
     return tmp.replace(out_dir / "results.json")
+
+
+def _fmt_timings(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{phase} {value:.1f}s" for phase, value in seconds.items() if phase != "total")
 
 
 def _fmt(row: list[float]) -> str:

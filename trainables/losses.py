@@ -85,20 +85,25 @@ def kd_loss(
     temperature: float = 2.0,
     top_k: int | None = None,
     mask: torch.Tensor | None = None,
+    teacher_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Forward KL(teacher ‖ student) per position, temperature β applied once, scaled by β²:
 
         KD = β² · mean_t Σ_v p_T(v) (log p_T(v) − log p_S(v)),   p = softmax(z / β)
 
     With ``top_k`` both distributions are renormalised on the teacher's top-K ids at each
-    position. ``mask`` (bool ``[B, S]``) selects the positions averaged over. Computed in fp32.
+    position. ``teacher_index`` (``[B, S, K]``) says the teacher logits are already such a
+    selection (e.g. read from the teacher cache) and which student logits it corresponds to.
+    ``mask`` (bool ``[B, S]``) selects the positions averaged over. Computed in fp32.
     (The official code divides by β twice; we follow the paper's equation.)
     """
     if temperature <= 0:
         raise ValueError(f"kd temperature must be positive, got {temperature}")
     teacher = teacher_logits.float()
     student = student_logits.float()
-    if top_k is not None and top_k < teacher.shape[-1]:
+    if teacher_index is not None:
+        student = student.gather(-1, teacher_index.long())
+    elif top_k is not None and top_k < teacher.shape[-1]:
         teacher, index = teacher.topk(top_k, dim=-1)
         student = student.gather(-1, index)
     log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)

@@ -145,6 +145,9 @@ class TrialTracker:
             plot_accuracy_matrix(results, out / "acc_matrix.png")
             plot_forgetting_curves(results, out / "forgetting_curves.png")
             self.client.log_artifacts(self.run_id, tmp)
+        # Where this attempt's wall time went (a resumed trial reports its last attempt only).
+        timings = {f"time_s/{k}": v for k, v in results.get("timings", {}).items() if k != "started_at"}
+        self.log_metrics(timings, step=len(tasks))
         if ray_checkpoint:
             self.client.set_tag(self.run_id, "ray_checkpoint", ray_checkpoint)
         self.client.set_terminated(self.run_id, "FINISHED")

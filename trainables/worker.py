@@ -124,6 +124,10 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         checkpointer=RayCheckpointer(log, run_dir, tracker, config.tasks),
         on_step=_fault_hook(),
     )
+    timings = results.get("timings", {})
+    if "submitted_at" in loop_config and "started_at" in timings:
+        # Ray Train worker-group start + imports, as seen from this attempt (restarts included).
+        timings["worker_start"] = round(timings["started_at"] - loop_config["submitted_at"], 3)
     if tracker is not None:
         final = Path(run_dir) / f"ckpt_t{len(config.tasks):02d}_s000000" if run_dir else None
         tracker.finish(results, str(final) if final else None)

@@ -33,6 +33,9 @@ class MethodConfig:
         kd_weight: λ, weight of the distillation loss (``mode`` only).
         kd_temperature: β, applied once to both logits; the loss is scaled by β².
         kd_top_k: restrict the KL to the teacher's top-K ids per position (None = full image vocabulary).
+        kd_teacher: ``cached`` reads the frozen teacher's logits from the teacher cache (computed once
+            per base model, stream and K, shared by every task and trial); ``live`` runs the teacher
+            forward every step. Both give the same loss up to float rounding.
         lora_r: rank of ``seq_lora``'s single LoRA; default r·num_experts (same total rank as the T-MoE).
     """
 
@@ -45,6 +48,7 @@ class MethodConfig:
     kd_weight: float = 0.3
     kd_temperature: float = 2.0
     kd_top_k: int | None = None
+    kd_teacher: str = "cached"
     lora_r: int | None = None
 
     def __post_init__(self) -> None:
@@ -55,6 +59,8 @@ class MethodConfig:
             raise ValueError(f"kd_temperature must be a positive number, got {self.kd_temperature!r}")
         if self.kd_top_k is not None and self.kd_top_k <= 0:
             raise ValueError(f"kd_top_k must be a positive integer or null, got {self.kd_top_k!r}")
+        if self.kd_teacher not in ("cached", "live"):
+            raise ValueError(f"kd_teacher must be 'cached' or 'live', got {self.kd_teacher!r}")
         if self.lora_r is not None and self.lora_r <= 0:
             raise ValueError(f"lora_r must be a positive integer or null, got {self.lora_r!r}")
         self.mode_config()  # validates r, num_experts, alpha, dropout, target_modules
@@ -86,10 +92,17 @@ class Batch:
 
 @dataclass
 class StreamBatch:
-    """A batch of the image-generation distillation stream (image spans only)."""
+    """A batch of the image-generation distillation stream (image spans only).
+
+    ``teacher_logits`` (optional, from :mod:`trainables.teacher_cache`) are the frozen base model's
+    image-vocabulary logits for these positions; ``teacher_index`` says which image-vocabulary
+    entries they are when the cache holds only the teacher's top-K. Without them the teacher runs live.
+    """
 
     input_ids: torch.Tensor  # [B, S]
     attention_mask: torch.Tensor  # [B, S]
+    teacher_logits: torch.Tensor | None = None  # [B, S, K] fp32
+    teacher_index: torch.Tensor | None = None  # [B, S, K] positions in the image vocabulary
 
 
 class Method:
@@ -151,8 +164,10 @@ class MoDEFamily(Method):
         """KL(frozen base ‖ student) on the image stream, every student token routed to the V-Adapter,
         over the image vocabulary (codebook + begin/end-image), so only ``mode_image`` gets gradient."""
         image_vocab = self.token_ids.image_vocab_mask(stream.input_ids.device).nonzero().squeeze(-1)
-        with torch.no_grad(), self.teacher(model):
-            teacher_logits = causal_lm_logits(model, stream.input_ids, stream.attention_mask)[..., image_vocab]
+        if stream.teacher_logits is None:
+            teacher_logits = self.teacher_logits(model, stream.input_ids, stream.attention_mask)
+        else:
+            teacher_logits = stream.teacher_logits
         with route_as(model, "image"):
             student_logits = causal_lm_logits(model, stream.input_ids, stream.attention_mask)[..., image_vocab]
         return kd_loss(
@@ -161,4 +176,11 @@ class MoDEFamily(Method):
             temperature=self.config.kd_temperature,
             top_k=self.config.kd_top_k,
             mask=stream.attention_mask.bool(),
+            teacher_index=stream.teacher_index,
         )
+
+    def teacher_logits(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The frozen base model's logits over the image vocabulary ``[B, S, |image vocab|]``."""
+        image_vocab = self.token_ids.image_vocab_mask(input_ids.device).nonzero().squeeze(-1)
+        with torch.no_grad(), self.teacher(model):
+            return causal_lm_logits(model, input_ids, attention_mask)[..., image_vocab]

@@ -9,6 +9,7 @@ begin-image is routed exactly as it would be in the full sequence.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +62,8 @@ class RoutingState:
     inside_at_end: torch.Tensor | None = None
     seen_tokens: int = 0
     recorder: list | None = field(default=None, repr=False)
+    # How masks are computed; ``trainables.mode.reference.official_style`` swaps in the per-token loop.
+    mask_function: Callable[..., tuple[torch.Tensor, torch.Tensor]] = field(default=image_token_mask, repr=False)
 
     def update(
         self, input_ids: torch.Tensor | None, shape: tuple[int, int], past_length: int, device: torch.device
@@ -92,7 +95,7 @@ class RoutingState:
                     f"routing saw {self.seen_tokens}); run the prompt through the model before decoding from its cache"
                 )
             carry = self.inside_at_end
-        self.image_mask, self.inside_at_end = image_token_mask(
+        self.image_mask, self.inside_at_end = self.mask_function(
             input_ids, self.token_ids.begin_image, self.token_ids.end_image, carry
         )
         self.seen_tokens = past_length + length

@@ -1,0 +1,149 @@
+"""Performance work must not change the science: the fused MoDE layer equals the official-style
+per-expert computation, and distillation from the teacher cache equals the live teacher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import randomize_adapters
+from trainables.batching import SampleSet
+from trainables.losses import causal_lm_logits
+from trainables.methods import MethodConfig, StreamBatch, build_method
+from trainables.mode import image_token_mask
+from trainables.mode.reference import loop_image_mask, official_style
+from trainables.teacher_cache import TeacherCache, load_or_build, model_fingerprint
+
+
+def _mixed_batch(seq) -> torch.Tensor:
+    rows = [
+        seq.understanding([1, 2, 3, 4], "what digit is this", "three"),
+        seq.generation("draw three", [5, 6, 7, 8, 9, 10]),
+        seq.understanding([0, 15, 14, 13], "is this even", "odd"),
+    ]
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [seq.ids.pad] * (width - len(r)) for r in rows])
+
+
+@pytest.mark.parametrize("name", ["mode", "tmoe_only", "moelora"])
+def test_fused_layer_matches_the_official_per_expert_computation(make_model, ids, seq, name):
+    method = build_method(MethodConfig(name=name, r=4, num_experts=3, dropout=0.0), ids)
+    model = _attached(method, make_model)
+    randomize_adapters(model, scale=0.1)
+    tokens = _mixed_batch(seq)
+
+    def outputs_and_grads():
+        model.zero_grad()
+        logits = causal_lm_logits(model, tokens)
+        (logits.square().mean()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return logits.detach(), grads
+
+    fused, fused_grads = outputs_and_grads()
+    with official_style(model):
+        reference, reference_grads = outputs_and_grads()
+    assert not torch.equal(fused, causal_lm_logits(make_model(), tokens).detach())  # adapters matter
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    assert fused_grads.keys() == reference_grads.keys() and fused_grads
+    for parameter in fused_grads:
+        torch.testing.assert_close(fused_grads[parameter], reference_grads[parameter], rtol=1e-4, atol=1e-6)
+
+
+def test_loop_mask_equals_vectorised_mask_with_and_without_an_open_span():
+    generator = torch.Generator().manual_seed(0)
+    begin, end = 7, 8
+    tokens = torch.randint(0, 10, (16, 40), generator=generator)  # many begins/ends, stray ends included
+    for carry in (None, torch.rand(16, generator=generator) > 0.5):
+        vector_mask, vector_open = image_token_mask(tokens, begin, end, carry)
+        loop_mask, loop_open = loop_image_mask(tokens, begin, end, carry)
+        assert torch.equal(vector_mask, loop_mask) and torch.equal(vector_open, loop_open)
+
+
+def _stream(seq) -> SampleSet:
+    generator = torch.Generator().manual_seed(3)
+    spans = [seq.image(torch.randint(0, 16, (n,), generator=generator).tolist()) for n in (6, 6, 9, 4, 6)]
+    return SampleSet(spans, [True] * len(spans), seq.ids.pad)
+
+
+def _attached(method, make_model, seed=0):
+    """(attached model, fingerprint of its base model taken before attaching, as the engine does)."""
+    base = make_model(seed)
+    fingerprint = model_fingerprint(base)
+    model = method.attach(base)
+    model.base_fingerprint = fingerprint
+    return model
+
+
+def _build(tmp_path, method, model, stream, top_k, log=lambda _: None, calls=None):
+    def teacher(ids_, mask):
+        if calls is not None:
+            calls.append(ids_.shape)
+        return method.teacher_logits(model, ids_, mask)
+
+    image_vocab = int(method.token_ids.image_vocab_mask().sum())
+    return load_or_build(
+        tmp_path, model.base_fingerprint, stream, image_vocab, top_k, teacher, torch.device("cpu"), log
+    )
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_cached_teacher_kd_equals_live_teacher_kd_loss_and_gradients(make_model, ids, seq, tmp_path, top_k):
+    method = build_method(MethodConfig(name="mode", dropout=0.0, kd_top_k=top_k), ids)
+    model = _attached(method, make_model)
+    randomize_adapters(model)
+    stream = _stream(seq)
+    cache = _build(tmp_path, method, model, stream, top_k)
+    picks = [2, 0, 3, 3]  # mixed lengths → right padding, a repeated sample
+
+    def kd_and_grads(batch):
+        model.zero_grad()
+        kd = method.distillation(model, batch)
+        kd.backward()
+        return kd.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    live = stream.stream_batch_of(picks)
+    cached = stream.stream_batch_of(picks)
+    cached.teacher_logits, cached.teacher_index = cache.batch(picks, live.input_ids.shape[1])
+    assert (cached.teacher_index is None) == (top_k is None)
+    live_kd, live_grads = kd_and_grads(live)
+    cached_kd, cached_grads = kd_and_grads(cached)
+    assert live_kd.item() > 0
+    torch.testing.assert_close(cached_kd, live_kd, rtol=1e-5, atol=1e-7)
+    for name in live_grads:
+        torch.testing.assert_close(cached_grads[name], live_grads[name], rtol=1e-4, atol=1e-8)
+
+
+def test_teacher_cache_is_computed_once_and_keyed_by_base_stream_and_k(make_model, ids, seq, tmp_path):
+    method = build_method(MethodConfig(name="mode"), ids)
+    model = _attached(method, make_model)
+    stream = _stream(seq)
+    calls: list = []
+    first = _build(tmp_path, method, model, stream, None, calls=calls)
+    assert calls
+    calls.clear()
+    randomize_adapters(model)  # adapters are not the teacher: same key, nothing recomputed
+    second = _build(tmp_path, method, model, stream, None, calls=calls)
+    assert not calls and second.key == first.key and torch.equal(second.logits, first.logits)
+    assert _build(tmp_path, method, model, stream, 3).key != first.key
+    shorter = SampleSet(stream.sequences[:-1], [True] * 4, seq.ids.pad)
+    assert _build(tmp_path, method, model, shorter, None).key != first.key
+    other_base = _attached(method, make_model, seed=1)
+    assert _build(tmp_path, method, other_base, stream, None).key != first.key
+    meta = json.loads((tmp_path / first.key / "meta.json").read_text())
+    assert meta["samples"] == 5 and meta["k"] == int(ids.image_vocab_mask().sum()) and meta["top_k"] is None
+
+
+def test_a_damaged_teacher_cache_is_rebuilt_with_a_warning(make_model, ids, seq, tmp_path):
+    method = build_method(MethodConfig(name="mode"), ids)
+    model = _attached(method, make_model)
+    stream = _stream(seq)
+    good = _build(tmp_path, method, model, stream, None)
+    parquet = tmp_path / good.key / "teacher.parquet"
+    parquet.write_bytes(parquet.read_bytes()[:100])
+    messages: list[str] = []
+    rebuilt = _build(tmp_path, method, model, stream, None, log=messages.append)
+    assert any("unreadable" in m and "rebuilding" in m for m in messages)
+    assert torch.equal(rebuilt.logits, good.logits)
+    assert torch.equal(TeacherCache.read(tmp_path / good.key).logits, good.logits)
