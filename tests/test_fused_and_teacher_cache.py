@@ -11,7 +11,7 @@ import torch
 from tests.conftest import randomize_adapters
 from trainables.batching import SampleSet
 from trainables.losses import causal_lm_logits
-from trainables.methods import MethodConfig, StreamBatch, build_method
+from trainables.methods import MethodConfig, build_method
 from trainables.mode import image_token_mask
 from trainables.mode.reference import loop_image_mask, official_style
 from trainables.teacher_cache import TeacherCache, load_or_build, model_fingerprint
