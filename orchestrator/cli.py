@@ -3,7 +3,8 @@
 mode-cl --version
 mode-cl methods                          # the continual-learning methods
 mode-cl pretrain-base [CONFIG]           # build (or find cached) the tiny base model
-mode-cl run [CONFIG] [--set k=v] [--name N] [--storage S] [--address A] [--out DIR] [--no-ray]
+mode-cl run [CONFIG] [--set k=v] [--name N] [--storage S] [--address A] [--out DIR] [--no-ray] [--dry-run]
+mode-cl data import-coin --model M --out DIR [--task NAME --train F --test F]... [--generation F]
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def _run(args: argparse.Namespace) -> int:
     from orchestrator.report import print_results, wide_console
 
     config = _load_config(args)
+    if args.dry_run:
+        return _dry_run(config)
+    if config.coin is not None:
+        _check_coin_inputs(config)
     work_dir = Path(args.work_dir).resolve()
     name = args.name or f"{config.method.name}-{config.config_hash()}"
     out = Path(args.out) if args.out else work_dir / "runs" / name
@@ -70,6 +75,89 @@ def _run(args: argparse.Namespace) -> int:
         results = run_with_ray(config, work_dir, out, name, storage, args.address, log=console.print)
     print_results(results, console)
     console.print(f"results: {out / 'results.json'}")
+    return 0
+
+
+def _coin_errors():
+    from trainables.chameleon import ModelSourceError
+    from trainables.data.coin import CoinInputError
+
+    return (ModelSourceError, CoinInputError)
+
+
+def _check_coin_inputs(config) -> None:
+    """Fail before anything starts (one line, exit 2) if the model or the imported data are unusable."""
+    from transformers import ChameleonConfig
+
+    from trainables.chameleon import resolve_model_dir
+    from trainables.coin_eval import CoinBenchmark
+
+    try:
+        model_config = ChameleonConfig.from_pretrained(resolve_model_dir(config.coin.model, "coin.model"))
+        CoinBenchmark(config, model_config, log=lambda message: None)
+    except _coin_errors() as error:
+        raise UsageError(str(error)) from None
+
+
+def _dry_run(config) -> int:
+    from rich.table import Table
+
+    from orchestrator.report import wide_console
+    from trainables.plan import resource_plan
+
+    try:
+        plan = resource_plan(config)
+    except _coin_errors() as error:
+        raise UsageError(str(error)) from None
+    console = wide_console()
+    table = Table(title=f"resource plan: method {config.method.name}, tasks {list(config.tasks)} (no weights loaded)")
+    table.add_column("item")
+    table.add_column("value", overflow="fold")
+    table.add_row("model shape from", plan["model_source"])
+    table.add_row("base parameters", f"{plan['base_params']:,} (VQ-VAE {plan['vq_params']:,}), {plan['dtype']}")
+    table.add_row("adapter parameters", f"{plan['adapter_params']:,} ({100 * plan['adapter_share']:.2f} % of base)")
+    table.add_row(
+        "batch",
+        f"global {plan['global_batch']} = {plan['workers']} worker(s) × {plan['micro_batch_per_worker']}, "
+        f"max length {plan['max_length']}, gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}",
+    )
+    memory = plan["memory_gib_per_worker"]
+    parts = ", ".join(f"{name} {value:.1f}" for name, value in memory.items() if name != "total")
+    table.add_row("GPU memory per worker (estimate)", f"{memory['total']:.1f} GiB ({parts} GiB)")
+    steps = ", ".join(
+        f"{task} {n if n is not None else '? (not imported yet)'}" for task, n in plan["steps_per_task"].items()
+    )
+    table.add_row("steps per task", steps)
+    console.print(table)
+    console.print(f"config ok (hash {config.config_hash()}); nothing was started")
+    return 0
+
+
+def _import_coin(args: argparse.Namespace) -> int:
+    from trainables.data.coin import TaskFiles, import_coin
+
+    if (args.train or args.test) and not args.task:
+        raise UsageError("--train/--test need --task NAME (e.g. --task ScienceQA); import one task per call")
+    tasks = [TaskFiles(args.task, args.train, args.test)] if args.task else []
+    try:
+        result = import_coin(
+            args.out,
+            args.model,
+            tasks,
+            generation=args.generation,
+            image_root=args.image_root,
+            separator_token=args.separator_token,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            gen_holdout=args.gen_holdout,
+            stream_codes=args.stream_codes,
+            device=args.device,
+        )
+    except _coin_errors() as error:
+        raise UsageError(str(error)) from None
+    for split, written in result["shards_written"].items():
+        print(f"{split}: {written} shard(s) written")
+    print(f"imported into {args.out} (manifest.json lists every task and split)")
     return 0
 
 
@@ -107,8 +195,11 @@ def _storage(args: argparse.Namespace) -> str:
 
 
 def _with_tracking(args: argparse.Namespace, body) -> int:
+    """Run ``body(tracking_uri, console)`` with the embedded MLflow server unless one is configured;
+    Ray starts while the server boots."""
     from orchestrator.mlflow_server import resolve_tracking_uri, tracking_server
     from orchestrator.report import wide_console
+    from orchestrator.train import init_ray
 
     console = wide_console()
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -116,17 +207,22 @@ def _with_tracking(args: argparse.Namespace, body) -> int:
         return body(None, console)
     if uri:
         return body(uri, console)
-    with tracking_server(Path(args.work_dir) / "mlflow", log=console.print) as local_uri:
+    start_ray = lambda: init_ray(args.address)  # noqa: E731
+    with tracking_server(Path(args.work_dir) / "mlflow", log=console.print, while_starting=start_ray) as local_uri:
         return body(local_uri, console)
 
 
 def _sweep(args: argparse.Namespace) -> int:
     from orchestrator.report import print_trials
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep import check_new_sweep, run_sweep
 
     space = _space(args.space)
     if args.name:
         space.name = args.name
+    try:  # before anything starts
+        check_new_sweep(space.name, _storage(args))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
     def body(uri, console):
         try:
@@ -142,7 +238,12 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     from orchestrator.report import print_trials
-    from orchestrator.sweep import resume_sweep
+    from orchestrator.sweep import check_resumable, resume_sweep
+
+    try:  # before anything starts
+        check_resumable(args.sweep, _storage(args))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
     def body(uri, console):
         try:
@@ -198,7 +299,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--storage", help="Ray storage: local dir, shared FS or s3:// (default <work-dir>/ray_results)")
     run.add_argument("--address", help="join this Ray cluster (default: start a local Ray)")
     run.add_argument("--no-ray", action="store_true", help="run in this process, checkpoints under --out")
+    run.add_argument(
+        "--dry-run", action="store_true", help="validate, print the resource plan (no weights loaded) and exit"
+    )
     run.set_defaults(func=_run)
+    data = commands.add_parser("data", help="data import").add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    coin = data.add_parser("import-coin", help="CoIN instruction files / generation stream → tokenised Parquet shards")
+    coin.add_argument("--model", required=True, help="checkpoint directory or Hugging Face id (its tokenizers)")
+    coin.add_argument("--out", type=Path, required=True, help="output directory (re-run to resume)")
+    coin.add_argument("--task", help="CoIN task name, e.g. ScienceQA (with --train and/or --test)")
+    coin.add_argument("--train", type=Path, help="the task's train file (.json list or .jsonl)")
+    coin.add_argument("--test", type=Path, help="the task's test file (.json list or .jsonl)")
+    coin.add_argument("--generation", type=Path, help="image-generation stream (.jsonl: image_tokens or image)")
+    coin.add_argument("--image-root", type=Path, help="base of relative image paths (default: the file's dir)")
+    coin.add_argument("--separator-token", help="vocabulary name of the answer separator (default <reserved08706>)")
+    coin.add_argument("--shard-size", type=int, default=1000, help="records per Parquet shard (default 1000)")
+    coin.add_argument("--batch-size", type=int, default=16, help="images per VQ-VAE batch (default 16)")
+    coin.add_argument("--gen-holdout", type=float, default=0.05, help="share of the stream held out for tests")
+    coin.add_argument(
+        "--stream-codes", choices=("bpe", "vq"), default="bpe", help="image_tokens are BPE ids or VQ codes"
+    )
+    coin.add_argument("--device", help="device for the VQ-VAE (default cuda if available)")
+    coin.set_defaults(func=_import_coin)
     pretrain = commands.add_parser("pretrain-base", help="pretrain (or find cached) the tiny base Chameleon")
     add_config_arguments(pretrain)
     pretrain.set_defaults(func=_pretrain_base)

@@ -15,14 +15,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from orchestrator.space import SweepSpace, load_space
-from trainables.base_model import pretrain_base
-from trainables.engine import Log, prepare_data
+
+# Light imports only: Tune's trial processes import this module (torch/transformers load in workers).
+Log = Callable[[str], None]
 
 SWEEP_FILE = "sweep.json"
 
@@ -209,6 +210,9 @@ def _tuner(space: SweepSpace, context: dict[str, Any], storage: str, log: Log, r
 
 def _prepare(space: SweepSpace, work_dir: Path) -> None:
     config = space.trial_config(space.trials[0])
+    from trainables.base_model import pretrain_base
+    from trainables.engine import prepare_data
+
     pretrain_base(config.base, config.data, prepare_data(config, work_dir), work_dir)
 
 
@@ -248,17 +252,33 @@ def sweep_dir(name_or_path: str, storage: str) -> Path:
     return Path(storage) / name_or_path
 
 
+def check_new_sweep(name: str, storage: str) -> Path:
+    """The new sweep's directory; refuses a name that already has a sweep."""
+    directory = Path(storage) / name
+    if (directory / SWEEP_FILE).is_file():
+        raise ValueError(f"sweep {name!r} already exists in {directory}; `mode-cl resume {name}` continues it")
+    return directory
+
+
+def check_resumable(name_or_path: str, storage: str) -> Path:
+    """The directory of a sweep that can be resumed; clear errors otherwise."""
+    from ray import tune
+
+    directory = sweep_dir(name_or_path, storage)
+    if not (directory / SWEEP_FILE).is_file():
+        raise ValueError(f"no sweep at {directory}: check the name, or pass --storage where it was run")
+    if not tune.Tuner.can_restore(str(directory)):
+        raise ValueError(f"{directory} has no Tune state to restore (the sweep never started its trials)")
+    return directory
+
+
 def run_sweep(
     space: SweepSpace, work_dir: Path, storage: str, tracking_uri: str | None, address: str | None, log: Log
 ) -> list[dict[str, Any]]:
     from orchestrator.train import init_ray
 
     work_dir = Path(work_dir).resolve()
-    directory = Path(storage) / space.name
-    if (directory / SWEEP_FILE).is_file():
-        raise ValueError(
-            f"sweep {space.name!r} already exists in {directory}; `mode-cl resume {space.name}` continues it"
-        )
+    directory = check_new_sweep(space.name, storage)
     _prepare(space, work_dir)
     tracking = _parent_run(tracking_uri, space, space.name) if tracking_uri else None
     directory.mkdir(parents=True, exist_ok=True)
@@ -289,17 +309,12 @@ def _parent_status_on_failure(tracking: dict[str, Any] | None) -> Iterator[None]
 
 
 def resume_sweep(name_or_path: str, storage: str, tracking_uri: str | None, address: str | None, log: Log):
-    from ray import tune
 
     from orchestrator.train import init_ray
 
-    directory = sweep_dir(name_or_path, storage)
-    if not (directory / SWEEP_FILE).is_file():
-        raise ValueError(f"no sweep at {directory}: check the name, or pass --storage where it was run")
+    directory = check_resumable(name_or_path, storage)
     record = json.loads((directory / SWEEP_FILE).read_text())
     space = load_space(record["space"])
-    if not tune.Tuner.can_restore(str(directory)):
-        raise ValueError(f"{directory} has no Tune state to restore (the sweep never started its trials)")
     tracking = None
     if tracking_uri and record.get("parent_run_id"):
         tracking = {"tracking_uri": tracking_uri, "experiment_id": record["experiment_id"]}

@@ -46,7 +46,7 @@ def test_micro_sequence_produces_results_and_checkpoints(work_dir, tmp_path):
 
 
 def _comparable(results):
-    return {k: v for k, v in results.items() if k not in ("task_log", "timings")}
+    return {k: v for k, v in results.items() if k not in ("task_log", "profile")}
 
 
 def test_resume_mid_task_reproduces_the_uninterrupted_run(work_dir, tmp_path):
@@ -61,6 +61,7 @@ def test_resume_mid_task_reproduces_the_uninterrupted_run(work_dir, tmp_path):
     messages = []
     resumed = run_sequence(config, work_dir, tmp_path / "crashed", log=messages.append)
     assert any("resuming from checkpoint ckpt_t01_s000002: task 2, step 2" in m for m in messages)
+    assert any("training again after the resume: task 2, step 3 done" in m for m in messages)
     assert _comparable(resumed) == _comparable(full)
     events = [(e["task"], e["event"], e["step"]) for e in resumed["task_log"]]
     assert events == [(0, "start", 0), (0, "end", 3), (1, "start", 0), (1, "resume", 2), (1, "end", 3)]
@@ -140,9 +141,10 @@ def test_cached_teacher_runs_like_the_live_teacher_and_is_shared_between_runs(wo
     for cached_losses, live_losses in zip(cached["losses"], live["losses"], strict=True):
         assert cached_losses == pytest.approx(live_losses, rel=1e-4)
     assert cached["acc_matrix"] == live["acc_matrix"]
-    assert set(cached["timings"]) >= {"data", "base_model", "model", "teacher_cache", "evaluate", "train", "total"}
-    assert "teacher_cache" not in live["timings"]
+    phases = {"data", "base_model", "model", "teacher_cache", "evaluate", "train", "checkpoint", "total"}
+    assert set(cached["profile"]["seconds"]) >= phases and cached["profile"]["peak_rss_mb"] > 100
+    assert "teacher_cache" not in live["profile"]["seconds"]
     messages.clear()
     again = run_sequence(load_run_config(None, [*MICRO, "seed=1"]), work_dir, tmp_path / "again", log=messages.append)
     assert any("teacher cache" in m and ": read" in m for m in messages)
-    assert again["timings"]["teacher_cache"] < cached["timings"]["total"]
+    assert again["profile"]["seconds"]["teacher_cache"] < cached["profile"]["seconds"]["total"]

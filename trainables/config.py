@@ -82,6 +82,49 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class CoinConfig:
+    """The real-scale benchmark: a Chameleon/Anole checkpoint and CoIN data imported by
+    ``mode-cl data import-coin``. Its presence in a run config selects this benchmark instead of
+    the embedded digits one (``tasks`` then name imported CoIN tasks).
+
+    Args:
+        model: checkpoint directory or Hugging Face model id (the HF cache is used when present).
+        data_dir: output directory of ``mode-cl data import-coin``.
+        dtype / attn_implementation: how the frozen base model is loaded (bf16, ``sdpa`` by default).
+        gradient_checkpointing: recompute decoder layers in backward (MoDE routing is replayed).
+        max_length: sequences are cut to this many tokens (the paper's 2,048).
+        max_new_tokens: greedy answer length limit at evaluation (the paper's 60).
+        eval_limit: evaluate at most this many test samples per task (null = all).
+        eval_batch_size: prompts per batch during greedy decoding and image-token scoring.
+        separator_token: vocabulary-map name of the prompt/answer separator (Chameleon's end of turn).
+    """
+
+    model: str = "leloy/Anole-7b-v0.1-hf"
+    data_dir: str = "mode-cl-work/coin"
+    dtype: str = "bfloat16"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = True
+    max_length: int = 2048
+    max_new_tokens: int = 60
+    eval_limit: int | None = None
+    eval_batch_size: int = 8
+    separator_token: str = "<reserved08706>"
+
+    def __post_init__(self) -> None:
+        from trainables.chameleon import ATTN_IMPLEMENTATIONS, DTYPES
+
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                f"got {self.attn_implementation!r}"
+            )
+        if self.eval_limit is not None and self.eval_limit <= 0:
+            raise ValueError(f"eval_limit must be a positive integer or null, got {self.eval_limit!r}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     tasks: tuple[str, ...] = ("next", "parity", "previous", "bigsmall")
     seed: int = 0
@@ -92,6 +135,7 @@ class RunConfig:
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    coin: CoinConfig | None = None  # set: the CoIN benchmark on a Chameleon checkpoint (see CoinConfig)
 
     def __post_init__(self) -> None:
         if self.base.hidden_size % self.base.num_attention_heads:
@@ -102,7 +146,10 @@ class RunConfig:
             raise ValueError("data.test_images must leave at least 100 of the 1,797 digits for training")
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
+        data = json.loads(json.dumps(asdict(self)))
+        if data["coin"] is None:  # digits runs keep the dict (and hash) they had before CoIN existed
+            del data["coin"]
+        return data
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
@@ -114,6 +161,7 @@ POSITIVE_INTS |= {"num_attention_heads", "gen_samples_per_digit", "levels", "tas
 POSITIVE_FLOATS = {"lr", "alpha", "kd_temperature", "gpus_per_worker", "grad_clip"}
 NON_NEGATIVE = {"kd_weight", "weight_decay", "seed", "gen_temperature", "every_steps", "num_to_keep"}
 NON_NEGATIVE |= {"max_failures"}
+POSITIVE_INTS |= {"max_length", "max_new_tokens", "eval_batch_size"}
 
 
 def _check_value(path: str, name: str, value: Any, expected: Any) -> Any:
@@ -153,13 +201,15 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         expected = fields[key].type
         nested = {"method": MethodConfig, "train": TrainConfig, "eval": EvalConfig}
         nested |= {"data": DigitsConfig, "base": BaseModelConfig}
-        nested |= {"resources": ResourcesConfig, "checkpoint": CheckpointConfig}
-        if cls is RunConfig and key in nested:
+        nested |= {"resources": ResourcesConfig, "checkpoint": CheckpointConfig, "coin": CoinConfig}
+        if cls is RunConfig and key == "coin" and value is None:
+            kwargs[key] = None
+        elif cls is RunConfig and key in nested:
             if key == "method" and isinstance(value, str):
                 value = {"name": value}
             kwargs[key] = _build(nested[key], value, path)
         elif key == "tasks":
-            kwargs[key] = _tasks(value, path)
+            kwargs[key] = _tasks(value, path, coin=cls is RunConfig and data.get("coin") is not None)
         elif key == "target_modules":
             if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{path}: expected a non-empty list of module names, e.g. [gate_proj, up_proj]")
@@ -181,11 +231,17 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: {error}") from None
 
 
-def _tasks(value: Any, path: str) -> tuple[str, ...]:
+def _tasks(value: Any, path: str, coin: bool = False) -> tuple[str, ...]:
     known = continual_tasks()
     if not isinstance(value, list) or not value:
-        raise ConfigError(f"{path}: expected a non-empty list of task names from {known}")
+        raise ConfigError(
+            f"{path}: expected a non-empty list of task names from {'the imported CoIN tasks' if coin else known}"
+        )
     for index, task in enumerate(value):
+        if coin:  # CoIN task names are checked against the imported data when the run starts
+            if not isinstance(task, str) or not task:
+                raise ConfigError(f"{path}[{index}]: expected a task name string, got {task!r}")
+            continue
         if task not in known:
             close = difflib.get_close_matches(str(task), known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -34,6 +35,7 @@ from trainables.data.tokenizers import PixelQuantizer
 from trainables.evaluate import ReferenceClassifier, answer_accuracy, generation_scores
 from trainables.methods import METHODS, build_method
 from trainables.metrics import average_accuracy, backward_transfer, forgetting, forward_transfer, inter_modal_forgetting
+from trainables.mode.checkpointing import enable_activation_checkpointing
 from trainables.teacher_cache import TeacherCache, load_or_build, model_fingerprint
 from trainables.vocab import TokenIds
 
@@ -88,6 +90,39 @@ class DigitsBenchmark:
             seed=self.config.seed * 1000 + stage,
         )
         return row, asdict(scores)
+
+
+def build_benchmark(
+    config: RunConfig,
+    work_dir: Path,
+    log: Log = print,
+    show_progress: bool = True,
+    timer: Callable[[str], contextlib.AbstractContextManager] | None = None,
+) -> tuple[Any, Callable[[], torch.nn.Module]]:
+    """The run's benchmark and a loader of its frozen base model: the embedded digits benchmark
+    (data and tiny base model built and cached under ``work_dir``), or, when ``config.coin`` is set,
+    CoIN data imported by ``mode-cl data import-coin`` on a Chameleon/Anole checkpoint."""
+    timer = timer or (lambda phase: contextlib.nullcontext())
+    if config.coin is not None:
+        from transformers import ChameleonConfig
+
+        from trainables.chameleon import load_chameleon, resolve_model_dir
+        from trainables.coin_eval import CoinBenchmark
+
+        coin = config.coin
+        torch.manual_seed(config.seed)
+        with timer("benchmark"):
+            model_config = ChameleonConfig.from_pretrained(resolve_model_dir(coin.model, "coin.model"))
+            bench = CoinBenchmark(config, model_config, log)
+        return bench, lambda: load_chameleon(coin.model, coin.dtype, coin.attn_implementation, "coin.model")
+    with timer("data"):
+        task_file = prepare_data(config, work_dir)
+    with timer("base_model"):
+        base_dir = pretrain_base(config.base, config.data, task_file, Path(work_dir), show_progress=show_progress)
+    torch.manual_seed(config.seed)
+    with timer("benchmark"):
+        bench = DigitsBenchmark(config, task_file)
+    return bench, lambda: load_base(base_dir)
 
 
 def summarize(tasks: list[str], acc_matrix: list[list[float]], generation: list[dict[str, float]]) -> dict[str, Any]:
@@ -232,19 +267,14 @@ def run_sequence(
         torch.set_num_threads(config.resources.cpus_per_worker)
     if checkpointer is None and out_dir is not None:
         checkpointer = LocalCheckpointer(Path(out_dir) / "checkpoints", config.checkpoint.num_to_keep, log)
-    with timer("data"):
-        task_file = prepare_data(config, work_dir)
-    with timer("base_model"):
-        base_dir = pretrain_base(config.base, config.data, task_file, Path(work_dir), show_progress=dist.rank == 0)
-
-    torch.manual_seed(config.seed)
-    with timer("benchmark"):
-        bench = DigitsBenchmark(config, task_file)
+    bench, load_base_model = build_benchmark(config, Path(work_dir), log, dist.rank == 0, timer)
     with timer("model"):
         method = build_method(config.method, bench.ids)
-        base = load_base(base_dir)
+        base = load_base_model()
         base_fingerprint = model_fingerprint(base) if uses_teacher_cache(config) else None
         model = method.attach(base).to(device)
+        if config.coin is not None and config.coin.gradient_checkpointing:
+            enable_activation_checkpointing(model)
         params = list(method.trainable_parameters(model))
 
     teacher_cache: TeacherCache | None = None
@@ -284,6 +314,7 @@ def run_sequence(
                 progress, lambda d: method.save(model, d), optimizer_state, _metrics_so_far(config, progress)
             )
 
+    announce_resume = restored is not None  # the resume benchmark times until this first new step
     if not progress.acc_matrix:
         with timer("evaluate"):
             row, scores = dist.from_rank0(bench.evaluate(model, 0) if dist.rank == 0 else None)
@@ -335,6 +366,9 @@ def run_sequence(
             progress.losses[task_index].append(dist.mean(loss.item()))
             progress.step = step + 1
             timer.seconds["train"] = timer.seconds.get("train", 0.0) + time.perf_counter() - step_started
+            if announce_resume:
+                log(f"training again after the resume: task {task_index + 1}, step {progress.step} done")
+                announce_resume = False
             if on_step is not None:
                 with timer("tracking"):
                     on_step(task_index, progress.step)
@@ -356,7 +390,12 @@ def run_sequence(
         )
     results = results_from_progress(config, progress)
     timer.seconds["total"] = time.perf_counter() - started
-    results["timings"] = {"started_at": started_at, **{k: round(v, 3) for k, v in timer.seconds.items()}}
+    results["profile"] = {
+        "started_at": started_at,
+        "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
+    }
     log(f"sequence finished in {time.perf_counter() - started:.1f}s ({_fmt_timings(timer.seconds)})")
     if out_dir is not None and dist.rank == 0:
         write_results(results, Path(out_dir))

@@ -7,30 +7,14 @@ Its vocabulary follows Chameleon's conventions (``IMGIMG*`` codebook names, ``<r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonVQVAEConfig
 
-from trainables.vocab import BEGIN_IMAGE, DEFAULT_SEPARATOR, END_IMAGE, IMAGE_PLACEHOLDER, image_code_name
+from trainables.vocab import SPECIAL_TOKENS, make_vocabulary_map
 
-SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
-
-
-def make_vocabulary_map(words: Sequence[str], num_image_codes: int) -> dict[str, int]:
-    """Specials first (as in Chameleon: ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2), then the image codebook,
-    end-/begin-image, the ``<image>`` placeholder, the separator, then ``words``."""
-    if num_image_codes <= 0:
-        raise ValueError(f"num_image_codes must be positive, got {num_image_codes}")
-    names = list(SPECIAL_TOKENS)
-    names += [image_code_name(code) for code in range(num_image_codes)]
-    names += [END_IMAGE, BEGIN_IMAGE, IMAGE_PLACEHOLDER, DEFAULT_SEPARATOR]
-    duplicates = sorted(set(words) & set(names)) or sorted({w for w in words if list(words).count(w) > 1})
-    if duplicates:
-        raise ValueError(f"words clash with each other or with special tokens: {duplicates}")
-    names += list(words)
-    return {name: index for index, name in enumerate(names)}
+__all__ = ["SPECIAL_TOKENS", "TinyChameleonConfig", "build_tiny_chameleon", "make_vocabulary_map"]
 
 
 @dataclass(frozen=True)

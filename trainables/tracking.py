@@ -146,8 +146,10 @@ class TrialTracker:
             plot_forgetting_curves(results, out / "forgetting_curves.png")
             self.client.log_artifacts(self.run_id, tmp)
         # Where this attempt's wall time went (a resumed trial reports its last attempt only).
-        timings = {f"time_s/{k}": v for k, v in results.get("timings", {}).items() if k != "started_at"}
-        self.log_metrics(timings, step=len(tasks))
+        profile = results.get("profile", {})
+        values = {f"time_s/{k}": v for k, v in profile.get("seconds", {}).items()}
+        values |= {"peak_rss_mb": profile.get("peak_rss_mb"), "peak_gpu_mb": profile.get("peak_gpu_mb")}
+        self.log_metrics(values, step=len(tasks))
         if ray_checkpoint:
             self.client.set_tag(self.run_id, "ray_checkpoint", ray_checkpoint)
         self.client.set_terminated(self.run_id, "FINISHED")

@@ -8,7 +8,7 @@ parameter (our tiny vocabulary calls it ``<sep>``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,24 @@ DEFAULT_SEPARATOR = "<sep>"
 def image_code_name(code: int) -> str:
     """Name of codebook entry ``code`` in Chameleon's convention (e.g. 12 -> ``IMGIMGBCZ``)."""
     return IMAGE_CODE_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
+
+
+def make_vocabulary_map(words: Sequence[str], num_image_codes: int) -> dict[str, int]:
+    """Specials first (as in Chameleon: ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2), then the image codebook,
+    end-/begin-image, the ``<image>`` placeholder, the separator, then ``words``."""
+    if num_image_codes <= 0:
+        raise ValueError(f"num_image_codes must be positive, got {num_image_codes}")
+    names = list(SPECIAL_TOKENS)
+    names += [image_code_name(code) for code in range(num_image_codes)]
+    names += [END_IMAGE, BEGIN_IMAGE, IMAGE_PLACEHOLDER, DEFAULT_SEPARATOR]
+    duplicates = sorted(set(words) & set(names)) or sorted({w for w in words if list(words).count(w) > 1})
+    if duplicates:
+        raise ValueError(f"words clash with each other or with special tokens: {duplicates}")
+    names += list(words)
+    return {name: index for index, name in enumerate(names)}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ import ray.train
 
 from trainables.checkpoint import LoadedCheckpoint, Progress, latest_good, list_checkpoints, write_checkpoint
 from trainables.config import load_run_config_dict
-from trainables.engine import run_sequence
 from trainables.tracking import TrialTracker
 
 KILL_AT_ENV = "MODE_CL_FAULT_KILL_AT"  # "task:step:marker" — fault injection for the resume tests
@@ -95,6 +94,8 @@ def _fault_hook():
 
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    from trainables.engine import run_sequence  # here: the trial driver imports this module only to pass the function
+
     config = load_run_config_dict(loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
 
@@ -124,10 +125,10 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         checkpointer=RayCheckpointer(log, run_dir, tracker, config.tasks),
         on_step=_fault_hook(),
     )
-    timings = results.get("timings", {})
-    if "submitted_at" in loop_config and "started_at" in timings:
+    profile = results["profile"]
+    if "submitted_at" in loop_config:
         # Ray Train worker-group start + imports, as seen from this attempt (restarts included).
-        timings["worker_start"] = round(timings["started_at"] - loop_config["submitted_at"], 3)
+        profile["seconds"]["worker_start"] = round(profile["started_at"] - loop_config["submitted_at"], 3)
     if tracker is not None:
         final = Path(run_dir) / f"ckpt_t{len(config.tasks):02d}_s000000" if run_dir else None
         tracker.finish(results, str(final) if final else None)

@@ -31,8 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainables.data.tokenizers import DIGIT_WORDS, WORDS, PixelQuantizer, WordTokenizer
-from trainables.tiny import make_vocabulary_map
-from trainables.vocab import TokenIds
+from trainables.vocab import TokenIds, make_vocabulary_map
 
 
 @dataclass(frozen=True)

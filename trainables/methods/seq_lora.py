@@ -5,7 +5,6 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from trainables.adapter_io import assign_strict, compare_configs, read_adapter, save_adapter
@@ -31,6 +30,8 @@ class SeqLoRA(Method):
 
     def attach(self, model: nn.Module) -> nn.Module:
         c = self._adapter_config()
+        from peft import LoraConfig, get_peft_model  # imported here: peft pulls in transformers (seconds)
+
         lora = LoraConfig(
             r=c["r"], lora_alpha=c["alpha"], lora_dropout=c["dropout"], target_modules=c["target_modules"]
         )

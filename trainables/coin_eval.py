@@ -1,0 +1,214 @@
+"""The CoIN benchmark at real scale: imported Parquet data, greedy answers, image-token metrics.
+
+:class:`CoinBenchmark` has the interface the engine uses for any benchmark: ``ids``,
+``train_set(task)``, ``stream`` (image-only distillation sequences) and ``evaluate(model, stage)``
+→ (answer accuracy per task, generation scores). Answers are decoded greedily over the text
+vocabulary (image codebook masked, as the paper's text inference) until end-of-sequence or
+``coin.max_new_tokens``, then scored with :mod:`trainables.coin_scoring`.
+
+Generation scores on the held-out generation split (teacher-forced, no sampling):
+``nll`` — mean image-token NLL over the image span (begin-image … end-image) given the caption;
+``accuracy`` — share of those image tokens the model predicts as its top-1 (over the image
+vocabulary), higher is better, so ``inter_modal_forgetting`` = its drop from the base model;
+``frechet`` — NaN: an FID needs pixels, and transformers' ``ChameleonVQVAE`` has no decoder (the
+released HF checkpoints hold the encoder only), so generated tokens cannot be turned into images here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from trainables.batching import SampleSet
+from trainables.coin_scoring import is_correct
+from trainables.config import RunConfig
+from trainables.data.coin import (
+    GENERATION,
+    CoinInputError,
+    check_manifest_vocabulary,
+    read_manifest,
+    read_split,
+    vocabulary_hash,
+)
+from trainables.losses import answer_labels, unwrap
+from trainables.vocab import TokenIds
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad so every prompt ends at the last column: (input_ids, attention_mask)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, width - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, width - len(sequence) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def greedy_decode(
+    model: nn.Module, prompts: list[list[int]], ids: TokenIds, max_new_tokens: int, batch_size: int = 8
+) -> list[list[int]]:
+    """Greedy continuation of each prompt over the text vocabulary, with a KV cache, until
+    end-of-sequence (not included) or ``max_new_tokens``. Prompts are left-padded with explicit
+    positions, so a prompt decodes the same in any batch."""
+    lm = unwrap(model)
+    device = _device(model)
+    blocked = ids.codebook_mask(device)
+    results: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        input_ids, mask = (t.to(device) for t in left_pad(prompts[start : start + batch_size], ids.pad))
+        positions = (mask.cumsum(1) - 1).clamp_min(0)
+        cache = DynamicCache(config=lm.config)
+        hidden = lm.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+        ).last_hidden_state
+        next_position = positions[:, -1:] + 1
+        rows = input_ids.shape[0]
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        outputs: list[list[int]] = [[] for _ in range(rows)]
+        for _ in range(max_new_tokens):
+            logits = lm.lm_head(hidden[:, -1]).float().masked_fill(blocked, torch.finfo(torch.float32).min)
+            token = torch.where(finished, torch.full_like(finished, ids.pad, dtype=torch.long), logits.argmax(-1))
+            finished = finished | (token == ids.eos)
+            for row, value in enumerate(token.tolist()):
+                if value != ids.eos and not (value == ids.pad and finished[row]):
+                    outputs[row].append(value)
+            if bool(finished.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            hidden = lm.model(
+                input_ids=token[:, None], attention_mask=mask, position_ids=next_position, cache=cache, use_cache=True
+            ).last_hidden_state
+            next_position = next_position + 1
+        results.extend(outputs)
+    return results
+
+
+@torch.no_grad()
+def image_token_scores(model: nn.Module, samples: SampleSet, ids: TokenIds, batch_size: int = 4) -> tuple[float, float]:
+    """(mean NLL, top-1 accuracy) of the image-span tokens of generation sequences, each predicted
+    over the image vocabulary only (codebook + begin/end-image). Logits are computed for those
+    8,194 ids alone, which keeps 2,048-token sequences cheap on a 65,536-id model."""
+    lm = unwrap(model)
+    device = _device(model)
+    vocab_ids = ids.image_vocab_mask(device).nonzero().squeeze(-1)
+    column_of = torch.full((ids.vocab_size,), -100, dtype=torch.long, device=device)
+    column_of[vocab_ids] = torch.arange(len(vocab_ids), device=device)
+    weight = lm.lm_head.weight[vocab_ids]
+    total_nll, correct, count = 0.0, 0, 0
+    for start in range(0, len(samples), batch_size):
+        batch = samples.batch(range(start, min(start + batch_size, len(samples))))
+        input_ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
+        hidden = lm.model(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
+        logits = F.linear(hidden[:, :-1], weight).float()
+        labels = answer_labels(input_ids, attention, ids.separator)[:, 1:]
+        targets = torch.where(labels >= 0, column_of[labels.clamp_min(0)], labels)
+        labelled = targets >= 0
+        total_nll += float(F.cross_entropy(logits[labelled], targets[labelled], reduction="sum"))
+        correct += int((logits[labelled].argmax(-1) == targets[labelled]).sum())
+        count += int(labelled.sum())
+    if count == 0:
+        return math.nan, math.nan
+    return total_nll / count, correct / count
+
+
+class CoinBenchmark:
+    """CoIN tasks and the generation stream imported by ``mode-cl data import-coin``."""
+
+    def __init__(self, config: RunConfig, model_config, log=print) -> None:
+        coin = config.coin
+        self.config, self.coin, self.log = config, coin, log
+        self.data_dir = Path(coin.data_dir)
+        manifest = read_manifest(self.data_dir)
+        self.ids = TokenIds.from_vocabulary_map(
+            model_config.vocabulary_map, vocab_size=model_config.vocab_size, separator=coin.separator_token
+        )
+        check_manifest_vocabulary(
+            manifest, self.data_dir, vocabulary_hash(model_config.vocabulary_map, coin.separator_token)
+        )
+        for task in config.tasks:
+            splits = manifest.get("tasks", {}).get(task, {})
+            for split in ("train", "test"):
+                if split not in splits:
+                    known = ", ".join(sorted(manifest.get("tasks", {}))) or "none"
+                    raise CoinInputError(
+                        f"tasks: {task!r} has no {split} split in {self.data_dir} (imported tasks: {known}); "
+                        f"import it with `mode-cl data import-coin --task {task} --{split} FILE`"
+                    )
+        if GENERATION not in manifest or "stream" not in manifest[GENERATION]:
+            raise CoinInputError(
+                f"{self.data_dir}: no image-generation stream; "
+                "import one with `mode-cl data import-coin --generation FILE`"
+            )
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.data_dir / "tokenizer")
+        self.truncated = 0
+        stream_table = read_split(self.data_dir, GENERATION, "stream")
+        rows, starts = stream_table.column("input_ids").to_pylist(), stream_table.column("answer_start").to_pylist()
+        spans = [row[start:] for row, start in zip(rows, starts, strict=True)]
+        self.stream = SampleSet(spans, [True] * len(spans), self.ids.pad)
+        self.test_generation = (
+            self._samples(read_split(self.data_dir, GENERATION, "test", coin.eval_limit))
+            if "test" in manifest[GENERATION]
+            else None
+        )
+        self.tests = {task: read_split(self.data_dir, task, "test", coin.eval_limit) for task in config.tasks}
+
+    def _truncate(self, sequence: list[int]) -> list[int]:
+        # As the paper: sequences are cut at max_length (an answer cut off contributes fewer labels).
+        if len(sequence) > self.coin.max_length:
+            self.truncated += 1
+            return sequence[: self.coin.max_length]
+        return sequence
+
+    def _samples(self, table) -> SampleSet:
+        sequences = [self._truncate(s) for s in table.column("input_ids").to_pylist()]
+        return SampleSet(sequences, table.column("is_generation").to_pylist(), self.ids.pad)
+
+    def train_set(self, task: str) -> SampleSet:
+        before = self.truncated
+        samples = self._samples(read_split(self.data_dir, task, "train"))
+        if self.truncated > before:
+            self.log(f"[yellow]{task}: {self.truncated - before} train sequences cut to {self.coin.max_length} tokens")
+        return samples
+
+    def answers(self, model: nn.Module, task: str) -> list[str]:
+        """Greedy responses to ``task``'s test prompts (text up to end-of-sequence)."""
+        table = self.tests[task]
+        prompts = [
+            self._truncate(row[:start])
+            for row, start in zip(
+                table.column("input_ids").to_pylist(), table.column("answer_start").to_pylist(), strict=True
+            )
+        ]
+        generated = greedy_decode(model, prompts, self.ids, self.coin.max_new_tokens, self.coin.eval_batch_size)
+        return [self.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in generated]
+
+    def accuracy(self, model: nn.Module, task: str) -> float:
+        table = self.tests[task]
+        responses = self.answers(model, task)
+        questions, references = table.column("question").to_pylist(), table.column("answers").to_pylist()
+        hits = [
+            is_correct(task, response, answers, question)
+            for response, answers, question in zip(responses, references, questions, strict=True)
+        ]
+        return sum(hits) / len(hits)
+
+    def evaluate(self, model: nn.Module, stage: int) -> tuple[list[float], dict[str, float]]:
+        model.eval()
+        row = [self.accuracy(model, task) for task in self.config.tasks]
+        nll, top1 = math.nan, math.nan
+        if self.test_generation is not None:
+            nll, top1 = image_token_scores(model, self.test_generation, self.ids, self.coin.eval_batch_size)
+        return row, {"accuracy": top1, "frechet": math.nan, "nll": nll}

@@ -1,0 +1,161 @@
+"""Resource plan of a run without loading weights (``mode-cl run --dry-run``).
+
+The model is instantiated on the ``meta`` device (shapes only, no memory) from its config: a local
+checkpoint's ``config.json``, the Hugging Face cache, or Chameleon-7B's known shape for an uncached
+Hub id. The method is attached there too, so parameter counts are exact. GPU memory per worker is an
+**estimate** from those counts (formulas in :func:`memory_estimate`), not a measurement.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trainables.config import RunConfig
+from trainables.methods import build_method
+from trainables.vocab import TokenIds
+
+GIB = 1024**3
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    vocab_size: int
+    image_vocab: int  # codebook + begin/end-image: the KD logits' width
+
+
+def memory_estimate(
+    shape: ModelShape,
+    base_params: int,
+    adapter_params: int,
+    dtype_bytes: int,
+    micro_batch: int,
+    seq_len: int,
+    stream_len: int,
+    checkpointing: bool,
+    uses_kd: bool,
+) -> dict[str, float]:
+    """GiB per worker, by component (an estimate):
+
+    * weights: every base parameter in the load dtype (frozen, no gradients or optimizer state);
+    * adapters: fp32 weights + fp32 gradients + AdamW's two fp32 moments = 16 bytes per parameter;
+    * activations: without checkpointing ≈ 34·b·s·h bytes per layer (the usual transformer estimate
+      for 16-bit activations with fused attention); with checkpointing, the 2·b·s·h-byte input of each
+      layer plus one layer's full activations during its recompute;
+    * logits: fp32 ``[b, s, V]`` three times (logits, masked copy, softmax gradient) for the task CE;
+    * kd: teacher + student logits over the image vocabulary, fp32, three copies each.
+    """
+    b, s, h = micro_batch, seq_len, shape.hidden_size
+    per_layer = 34 * b * s * h
+    if checkpointing:
+        activations = shape.num_hidden_layers * 2 * b * s * h + per_layer
+    else:
+        activations = shape.num_hidden_layers * per_layer
+    parts = {
+        "weights": base_params * dtype_bytes,
+        "adapters": adapter_params * 16,
+        "activations": activations,
+        "logits": 3 * b * s * shape.vocab_size * 4,
+        "kd": (2 * 3 * b * stream_len * shape.image_vocab * 4) if uses_kd else 0,
+    }
+    estimate = {name: value / GIB for name, value in parts.items()}
+    estimate["total"] = sum(estimate.values())
+    return estimate
+
+
+def resource_plan(config: RunConfig) -> dict[str, Any]:
+    """Parameters, adapter parameters, memory estimate per worker and steps per task of ``config``."""
+    from transformers import ChameleonForConditionalGeneration
+
+    if config.coin is not None:
+        from trainables.chameleon import load_model_config, tokens_per_image
+
+        model_config, source = load_model_config(config.coin.model, "coin.model")
+        ids = TokenIds.from_vocabulary_map(
+            model_config.vocabulary_map, vocab_size=model_config.vocab_size, separator=config.coin.separator_token
+        )
+        dtype, seq_len, checkpointing = config.coin.dtype, config.coin.max_length, config.coin.gradient_checkpointing
+        stream_len = tokens_per_image(model_config) + 2
+    else:
+        from trainables.data.digits import vocabulary
+        from trainables.tiny import TinyChameleonConfig, build_tiny_chameleon
+
+        base = config.base
+        arch = TinyChameleonConfig(
+            hidden_size=base.hidden_size,
+            intermediate_size=base.intermediate_size,
+            num_hidden_layers=base.num_hidden_layers,
+            num_attention_heads=base.num_attention_heads,
+        )
+        with torch.device("meta"):
+            model_config = build_tiny_chameleon(vocabulary(config.data), arch).config
+        source = "embedded tiny base model"
+        ids = TokenIds.from_vocabulary_map(model_config.vocabulary_map, vocab_size=model_config.vocab_size)
+        dtype, seq_len, checkpointing, stream_len = "float32", 80, False, 66
+    with torch.device("meta"):
+        model = ChameleonForConditionalGeneration(model_config)
+    base_params = sum(p.numel() for p in model.parameters())
+    vq_params = sum(p.numel() for p in model.model.vqmodel.parameters())
+    method = build_method(config.method, ids)
+    with torch.device("meta"):
+        attached = method.attach(model)
+    adapter_params = sum(p.numel() for p in method.trainable_parameters(attached))
+    workers = config.resources.num_workers
+    micro_batch = max(1, math.ceil(config.train.batch_size / workers))
+    shape = ModelShape(
+        model_config.hidden_size,
+        model_config.intermediate_size,
+        model_config.num_hidden_layers,
+        model_config.vocab_size,
+        int(ids.image_vocab_mask().sum()),
+    )
+    memory = memory_estimate(
+        shape,
+        base_params,
+        adapter_params,
+        _DTYPE_BYTES[dtype],
+        micro_batch,
+        seq_len,
+        stream_len,
+        checkpointing,
+        method.USES_KD and config.method.kd_weight > 0,
+    )
+    return {
+        "model_source": source,
+        "base_params": base_params,
+        "vq_params": vq_params,
+        "adapter_params": adapter_params,
+        "adapter_share": adapter_params / base_params,
+        "dtype": dtype,
+        "workers": workers,
+        "micro_batch_per_worker": micro_batch,
+        "global_batch": config.train.batch_size,
+        "max_length": seq_len,
+        "gradient_checkpointing": checkpointing,
+        "memory_gib_per_worker": memory,
+        "steps_per_task": steps_per_task(config),
+    }
+
+
+def steps_per_task(config: RunConfig) -> dict[str, int | None]:
+    """Optimizer steps per task (None where the data is not imported yet)."""
+    batch, epochs = config.train.batch_size, config.train.epochs
+    if config.coin is None:
+        return {task: epochs * math.ceil(config.data.task_train / batch) for task in config.tasks}
+    from pathlib import Path
+
+    from trainables.data.coin import MANIFEST, read_manifest
+
+    manifest = read_manifest(config.coin.data_dir) if (Path(config.coin.data_dir) / MANIFEST).is_file() else {}
+    steps: dict[str, int | None] = {}
+    for task in config.tasks:
+        records = manifest.get("tasks", {}).get(task, {}).get("train", {}).get("records")
+        steps[task] = epochs * math.ceil(records / batch) if records else None
+    return steps
