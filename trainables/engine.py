@@ -62,7 +62,8 @@ class DigitsBenchmark:
         test_images = read_tasks(task_file, [GENERATION_TASK], "test")
         quantizer = self.builder.quantizer
         real_train = quantizer.decode(quantizer.encode(np.asarray(train_images.column("image").to_pylist())))
-        self.reference = ReferenceClassifier(real_train, np.asarray(train_images.column("digit").to_pylist()))
+        labels = np.asarray(train_images.column("digit").to_pylist())
+        self.reference = ReferenceClassifier.cached(real_train, labels, Path(task_file).parent)
         self.real_test_images = np.asarray(test_images.column("image").to_pylist())
         self.test_generation = SampleSet.from_table(test_images, self.ids.pad)
         # Distillation stream: image-only sequences (begin-image … end-image) of train images.

@@ -8,7 +8,9 @@ real test images in its hidden-layer feature space (our FID).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -100,22 +102,50 @@ def _device(model: nn.Module) -> torch.device:
 
 
 class ReferenceClassifier:
-    """Frozen digit classifier for judging generated images (fitted on real train images)."""
+    """Frozen digit classifier for judging generated images (an MLP fitted on real train images).
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> None:
+    Fitting takes about a second, and every trial of a sweep needs the same one, so the fitted
+    weights are kept next to the task file (plain ``.npz``, read without pickle). Predictions
+    and features are computed from those weights, so a fitted and a loaded classifier agree bit for bit.
+    """
+
+    scale = 16.0
+
+    def __init__(self, coefs: list[np.ndarray], intercepts: list[np.ndarray], classes: np.ndarray) -> None:
+        self.coefs, self.intercepts, self.classes = coefs, intercepts, classes
+
+    @classmethod
+    def fit(cls, images: np.ndarray, labels: np.ndarray, seed: int = 0) -> ReferenceClassifier:
         from sklearn.neural_network import MLPClassifier
 
-        self.scale = 16.0
-        self.model = MLPClassifier(hidden_layer_sizes=(64,), max_iter=600, random_state=seed)
+        model = MLPClassifier(hidden_layer_sizes=(64,), max_iter=600, random_state=seed)
         with single_threaded_blas():
-            self.model.fit(images / self.scale, labels)
+            model.fit(images / cls.scale, labels)
+        return cls(model.coefs_, model.intercepts_, model.classes_)
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        return self.model.predict(images / self.scale)
+    @classmethod
+    def cached(cls, images: np.ndarray, labels: np.ndarray, directory: Path, seed: int = 0) -> ReferenceClassifier:
+        """Fitted once per (data, seed, scikit-learn version) and stored in ``directory``."""
+        import sklearn
+
+        path = Path(directory) / f"reference_classifier_seed{seed}_sklearn{sklearn.__version__}.npz"
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as stored:
+                return cls([stored["w0"], stored["w1"]], [stored["b0"], stored["b1"]], stored["classes"])
+        fitted = cls.fit(images, labels, seed)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial.npz")
+        np.savez(partial, w0=fitted.coefs[0], w1=fitted.coefs[1], b0=fitted.intercepts[0], b1=fitted.intercepts[1],
+                 classes=fitted.classes)  # fmt: skip
+        partial.replace(path)
+        return fitted
 
     def features(self, images: np.ndarray) -> np.ndarray:
-        hidden = images / self.scale @ self.model.coefs_[0] + self.model.intercepts_[0]
+        hidden = images / self.scale @ self.coefs[0] + self.intercepts[0]
         return np.maximum(hidden, 0.0)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        logits = self.features(images) @ self.coefs[1] + self.intercepts[1]
+        return self.classes[np.argmax(logits, axis=1)]
 
     def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
         return float((self.predict(images) == labels).mean())
