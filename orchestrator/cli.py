@@ -219,6 +219,13 @@ def _sweep(args: argparse.Namespace) -> int:
     space = _space(args.space)
     if args.name:
         space.name = args.name
+    if args.cluster:
+        from orchestrator.cluster import ClusterError, sweep_on_cluster
+
+        try:
+            return sweep_on_cluster(_cluster(args.cluster), Path(args.space), space.name)
+        except ClusterError as error:
+            raise UsageError(str(error)) from None
     try:  # before anything starts
         check_new_sweep(space.name, _storage(args))
     except ValueError as error:
@@ -240,6 +247,10 @@ def _resume(args: argparse.Namespace) -> int:
     from orchestrator.report import print_trials
     from orchestrator.sweep import check_resumable, resume_sweep
 
+    if args.cluster:
+        from orchestrator.cluster import resume_on_cluster
+
+        return resume_on_cluster(_cluster(args.cluster), args.sweep)
     try:  # before anything starts
         check_resumable(args.sweep, _storage(args))
     except ValueError as error:
@@ -260,6 +271,10 @@ def _report(args: argparse.Namespace) -> int:
     from orchestrator.report import report_trials
     from orchestrator.sweep import SWEEP_FILE, sweep_dir
 
+    if args.cluster:
+        from orchestrator.cluster import report_on_cluster
+
+        return report_on_cluster(_cluster(args.cluster), args.sweep, args.format)
     directory = sweep_dir(args.sweep, _storage(args))
     if not (directory / SWEEP_FILE).is_file():
         raise UsageError(f"no sweep at {directory}: check the name, or pass --storage where it was run")
@@ -269,7 +284,51 @@ def _report(args: argparse.Namespace) -> int:
 def _ui(args: argparse.Namespace) -> int:
     from orchestrator.mlflow_server import serve_forever
 
-    return serve_forever(Path(args.work_dir) / "mlflow", args.port)
+    if args.cluster:
+        from orchestrator.cluster import ui_on_cluster
+
+        return ui_on_cluster(_cluster(args.cluster), args.port or 5001)
+    return serve_forever(Path(args.work_dir) / "mlflow", args.port or 5000)
+
+
+def _cluster(path: Path):
+    from orchestrator.cluster import ClusterError, load_cluster
+
+    try:
+        return load_cluster(path)
+    except ClusterError as error:
+        raise UsageError(str(error)) from None
+
+
+def _cluster_down(args: argparse.Namespace) -> int:
+    from orchestrator.cluster import down
+
+    return down(_cluster(args.cluster))
+
+
+def _tracking_server_start(args: argparse.Namespace) -> int:
+    from orchestrator.mlflow_server import start_detached
+
+    try:
+        url = start_detached(args.store, args.host, args.port, args.backend_store_uri, args.artifacts_destination)
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"MLflow tracking server: {url} (store {args.store.expanduser()})")
+    return 0
+
+
+def _tracking_server_stop(args: argparse.Namespace) -> int:
+    from orchestrator.mlflow_server import stop_detached
+
+    print("stopped" if stop_detached(args.store) else f"no tracking server running from {args.store}")
+    return 0
+
+
+def _tracking_server_relay(args: argparse.Namespace) -> int:
+    from orchestrator.mlflow_server import relay
+
+    return relay(args.store, args.port)
 
 
 class UsageError(Exception):
@@ -335,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else an embedded one)")
         sub.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
         sub.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="data/model/MLflow store")
+        sub.add_argument("--cluster", type=Path, help="run the driver on the head of this `ray up` cluster")
 
     sweep = commands.add_parser("sweep", help="run a Ray Tune sweep of task sequences, tracked in MLflow")
     sweep.add_argument("space", help="sweep space YAML")
@@ -351,11 +411,33 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", help="file for parquet (default <sweep dir>/trials.parquet)")
     report.add_argument("--storage", help="where the sweep was run (default <work-dir>/sweeps)")
     report.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
+    report.add_argument("--cluster", type=Path, help="the sweep ran on this `ray up` cluster")
     report.set_defaults(func=_report)
     ui = commands.add_parser("ui", help="the MLflow UI for this project's store, on 127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=int, help="local port (default 5000; 5001 with --cluster)")
     ui.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
+    ui.add_argument("--cluster", type=Path, help="forward the MLflow UI of this `ray up` cluster's head")
     ui.set_defaults(func=_ui)
+    down = commands.add_parser("cluster-down", help="stop a `ray up` cluster's services and tear it down")
+    down.add_argument("cluster", type=Path, help="the cluster YAML given to `ray up`")
+    down.set_defaults(func=_cluster_down)
+
+    server = commands.add_parser("tracking-server", help="the MLflow server of a cluster head (used by cluster files)")
+    server_commands = server.add_subparsers(dest="server_command", metavar="ACTION", required=True)
+    start = server_commands.add_parser("start", help="start a detached server (reused if already running)")
+    start.add_argument("--store", type=Path, required=True, help="directory: SQLite db, artifacts, pid, log")
+    start.add_argument("--host", default="127.0.0.1", help="address to bind: 127.0.0.1, a private IP, or auto")
+    start.add_argument("--port", type=int, default=5000)
+    start.add_argument("--backend-store-uri", help="e.g. postgresql://host/db (default SQLite in --store)")
+    start.add_argument("--artifacts-destination", help="e.g. s3://bucket/mlflow (default --store/artifacts)")
+    start.set_defaults(func=_tracking_server_start)
+    stop = server_commands.add_parser("stop", help="stop the server started from --store")
+    stop.add_argument("--store", type=Path, required=True)
+    stop.set_defaults(func=_tracking_server_stop)
+    relay = server_commands.add_parser("relay", help="relay 127.0.0.1:PORT to the server (for ui --cluster)")
+    relay.add_argument("--store", type=Path, required=True)
+    relay.add_argument("--port", type=int, required=True)
+    relay.set_defaults(func=_tracking_server_relay)
     return parser
 
 

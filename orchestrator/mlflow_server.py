@@ -4,13 +4,14 @@ bound to 127.0.0.1, reached over HTTP by every process (so SQLite has exactly on
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -28,16 +29,98 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def server_command(store: Path, port: int, host: str = "127.0.0.1") -> list[str]:
+def server_command(
+    store: Path,
+    port: int,
+    host: str = "127.0.0.1",
+    backend_store_uri: str | None = None,
+    artifacts_destination: str | None = None,
+) -> list[str]:
+    """``mlflow server`` with our defaults: SQLite + artifacts under ``store`` (artifacts proxied
+    through the server, so trial workers on other nodes need no storage credentials), one worker
+    (one SQLite writer), and the host allow-list set to the addresses it is reached by."""
     store = store.resolve()
+    # Loopback on any port: the UI is reached through SSH forwards and relays on other ports.
+    allowed = [f"{host}:{port}", "127.0.0.1:*", "localhost:*"]
     return [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-        "--artifacts-destination", str(store / "artifacts"),
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{store / 'mlflow.db'}",
+        "--artifacts-destination", artifacts_destination or str(store / "artifacts"),
         "--host", host, "--port", str(port),
-        "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
+        "--allowed-hosts", ",".join(dict.fromkeys(allowed)),
         "--workers", "1",
     ]  # fmt: skip
+
+
+def private_ip() -> str:
+    """This node's address on its private network (the interface the default route uses)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("10.255.255.255", 1))  # UDP: no packet is sent
+            return sock.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def start_detached(
+    store: Path,
+    host: str,
+    port: int,
+    backend_store_uri: str | None = None,
+    artifacts_destination: str | None = None,
+    timeout_s: float = 120.0,
+) -> str:
+    """Start a server that outlives this process (the cluster head's tracking server).
+
+    Writes ``server.pid`` and ``tracking_uri`` into ``store``; a server already running from the
+    same store is reused. Returns the tracking URI."""
+    store = Path(store).expanduser()
+    store.mkdir(parents=True, exist_ok=True)
+    host = private_ip() if host == "auto" else host
+    url = f"http://{host}:{port}"
+    pid_file, uri_file = store / "server.pid", store / "tracking_uri"
+    if pid_file.is_file() and uri_file.is_file() and _healthy(uri_file.read_text().strip()):
+        return uri_file.read_text().strip()
+    command = server_command(store, port, host, backend_store_uri, artifacts_destination)
+    with (store / "server.log").open("ab") as server_log:
+        process = subprocess.Popen(
+            command, stdout=server_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    deadline = time.monotonic() + timeout_s
+    while not _healthy(url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"the MLflow server did not start on {url}; see {store / 'server.log'}")
+        time.sleep(0.3)
+    pid_file.write_text(str(process.pid))
+    uri_file.write_text(url)
+    return url
+
+
+def stop_detached(store: Path, timeout_s: float = 20.0) -> bool:
+    """Stop the server started by :func:`start_detached` from ``store``; False if none was running."""
+    store = Path(store).expanduser()
+    pid_file = store / "server.pid"
+    if not pid_file.is_file():
+        return False
+    pid = int(pid_file.read_text())
+    try:
+        os.killpg(pid, signal.SIGTERM)  # the server's gunicorn/uvicorn workers are in its session
+    except ProcessLookupError:
+        pid_file.unlink()
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(pid, signal.SIGKILL)
+    pid_file.unlink()
+    (store / "tracking_uri").unlink(missing_ok=True)
+    return True
 
 
 @contextmanager
@@ -81,3 +164,41 @@ def serve_forever(store: Path, port: int) -> int:
     store.mkdir(parents=True, exist_ok=True)
     print(f"MLflow UI: http://127.0.0.1:{port}  (store {store.resolve()}; Ctrl-C to stop)", flush=True)
     return subprocess.call(server_command(store, port))
+
+
+def relay(store: Path, port: int) -> int:
+    """Serve ``127.0.0.1:port`` as a TCP relay to the tracking server started from ``store``
+    (``mode-cl ui --cluster`` tunnels to this over SSH). Runs until interrupted."""
+    import asyncio
+    from urllib.parse import urlparse
+
+    uri_file = Path(store).expanduser() / "tracking_uri"
+    if not uri_file.is_file():
+        print(f"no tracking server was started from {uri_file.parent} on this node", file=sys.stderr)
+        return 2
+    target = urlparse(uri_file.read_text().strip())
+    if target.hostname in ("127.0.0.1", "localhost") and target.port == port:
+        print(f"the tracking server itself listens on 127.0.0.1:{port}; pick another --port", file=sys.stderr)
+        return 2
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection(target.hostname, target.port)
+        await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer))
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        print(f"relaying 127.0.0.1:{port} → {target.hostname}:{target.port}", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    with suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+    return 0

@@ -252,8 +252,17 @@ def sweep_dir(name_or_path: str, storage: str) -> Path:
     return Path(storage) / name_or_path
 
 
+def _local_storage(storage: str) -> None:
+    if "://" in storage:
+        raise ValueError(
+            f"--storage {storage}: sweeps need a filesystem path (a shared filesystem on multi-node clusters); "
+            "object stores are supported by `mode-cl run` only"
+        )
+
+
 def check_new_sweep(name: str, storage: str) -> Path:
     """The new sweep's directory; refuses a name that already has a sweep."""
+    _local_storage(storage)
     directory = Path(storage) / name
     if (directory / SWEEP_FILE).is_file():
         raise ValueError(f"sweep {name!r} already exists in {directory}; `mode-cl resume {name}` continues it")
@@ -264,6 +273,7 @@ def check_resumable(name_or_path: str, storage: str) -> Path:
     """The directory of a sweep that can be resumed; clear errors otherwise."""
     from ray import tune
 
+    _local_storage(storage)
     directory = sweep_dir(name_or_path, storage)
     if not (directory / SWEEP_FILE).is_file():
         raise ValueError(f"no sweep at {directory}: check the name, or pass --storage where it was run")

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from orchestrator.cli import main
 from trainables import __version__
@@ -29,11 +28,3 @@ def test_console_script_is_installed():
         [str(Path(sys.executable).with_name("mode-cl")), "--help"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0 and "usage: mode-cl" in result.stdout
-
-
-def test_cluster_yaml_passes_rays_own_validation():
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    config = prepare_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
-    validate_config(config)
-    assert config["head_node_type"] in config["available_node_types"]

@@ -1,0 +1,161 @@
+"""``ray up cluster.local.yaml`` for real on this machine: sshd on a loopback port with a throwaway
+key → ``ray up`` → a 2-trial sweep submitted with ``mode-cl sweep --cluster`` → the head's MLflow
+server holds one parent and two children with metrics → ``mode-cl cluster-down`` → nothing left.
+
+Needs sshd, ssh-keygen and rsync (``.ci/run`` installs them and sets MODE_CL_REQUIRE_CLUSTER_TEST=1,
+which turns a missing prerequisite into a failure instead of a skip).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MODE_CL, RAY = str(BIN / "mode-cl"), str(BIN / "ray")
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+MICRO_RUN = """
+tasks: [parity, bigsmall]
+base: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, epochs: 1}
+data: {task_train: 48, task_test: 24}
+train: {epochs: 1, batch_size: 16}
+eval: {gen_samples_per_digit: 2}
+method: {name: mode, r: 2, num_experts: 2}
+resources: {cpus_per_worker: 1}
+"""
+METRICS = ("acc/parity", "acc/bigsmall", "avg_acc", "forgetting", "gen/acc", "inter_modal_forgetting")
+
+missing = [tool for tool in (SSHD, "ssh-keygen", "rsync", "ssh") if not shutil.which(tool) and not Path(tool).exists()]
+if missing and os.environ.get("MODE_CL_REQUIRE_CLUSTER_TEST") != "1":
+    pytest.skip(f"needs {', '.join(missing)} (apt-get install openssh-server rsync)", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ray_processes() -> list[str]:
+    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in listing if any(k in line for k in ("raylet", "gcs_server", "ray::", "dashboard.py"))]
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    """An sshd on 127.0.0.1:<free port> that accepts only a throwaway key for the current user."""
+    keys = tmp_path / "ssh"
+    keys.mkdir(mode=0o700)
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)], check=True)
+    (keys / "authorized_keys").write_text((keys / "client_key.pub").read_text())
+    port = _free_port()
+    config = keys / "sshd_config"
+    config.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {keys / 'host_key'}\n"
+        f"AuthorizedKeysFile {keys / 'authorized_keys'}\nPidFile {keys / 'sshd.pid'}\n"
+        "StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "PermitRootLogin prohibit-password\nPrintMotd no\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=(tmp_path / "sshd.log").open("w"))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    else:
+        process.kill()
+        pytest.fail(f"sshd did not start: {(tmp_path / 'sshd.log').read_text()}")
+    yield {"port": port, "key": keys / "client_key", "process": process}
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def _cluster_file(tmp_path: Path, sshd: dict) -> tuple[Path, Path]:
+    """cluster.local.yaml with only what this machine needs changed: the head's paths under a
+    temporary home (not the real ~), the throwaway key and the loopback port (ssh_proxy_command:
+    Ray's local provider has no ssh port setting), and the project's virtualenv linked instead of
+    installed again (scripts/install.sh is what .ci/run itself runs in a fresh clone)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    text = (ROOT / "cluster.local.yaml").read_text().replace("~/mode-cl", f"{home}/mode-cl")
+    data = yaml.safe_load(text)
+    data["cluster_name"] = f"mode-cl-test-{os.getpid()}"
+    data["auth"] = {
+        "ssh_user": getpass.getuser(),
+        "ssh_private_key": str(sshd["key"]),
+        "ssh_proxy_command": f"bash -c 'exec 3<>/dev/tcp/127.0.0.1/{sshd['port']}; cat <&3 & exec cat >&3'",
+    }
+    data["setup_commands"] = [f"ln -sfn {sys.prefix} {home}/mode-cl/.venv"]
+    path = tmp_path / "cluster.test.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path, home
+
+
+def test_ray_up_sweep_on_the_cluster_mlflow_on_the_head_and_full_teardown(tmp_path, sshd):
+    from mlflow.tracking import MlflowClient
+
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, check=False)
+    cluster, home = _cluster_file(tmp_path, sshd)
+    (tmp_path / "micro.yaml").write_text(MICRO_RUN)
+    space = tmp_path / "onhead.yaml"
+    space.write_text("name: onhead\nrun_config: micro.yaml\ngrid:\n  method.kd_weight: [0.1, 0.3]\n")
+    try:
+        up = subprocess.run(
+            [RAY, "up", "-y", "--no-config-cache", str(cluster)], cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
+        assert up.returncode == 0, up.stdout[-4000:] + up.stderr[-4000:]
+        uri = (home / "mode-cl-work" / "mlflow" / "tracking_uri").read_text().strip()
+        assert uri.startswith("http://127.0.0.1:")
+
+        sweep = subprocess.run(
+            [MODE_CL, "sweep", str(space), "--cluster", str(cluster)], capture_output=True, text=True, timeout=900
+        )
+        assert sweep.returncode == 0, sweep.stdout[-4000:] + sweep.stderr[-4000:]
+        assert (home / "mode-cl" / "mode-cl-spaces" / "onhead" / "onhead.yaml").is_file()  # uploaded
+        assert (home / "mode-cl-work" / "sweeps" / "onhead" / "sweep.json").is_file()  # ran on the head's paths
+
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("onhead")
+        runs = client.search_runs([experiment.experiment_id])
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert len(parents) == 1 and len(children) == 2
+        assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+        for child in children:
+            assert child.info.status == "FINISHED"
+            for metric in METRICS:
+                assert [m.step for m in client.get_metric_history(child.info.run_id, metric)] == [0, 1, 2], metric
+
+        report = subprocess.run(
+            [MODE_CL, "report", "onhead", "--format", "json", "--cluster", str(cluster)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert report.returncode == 0, report.stderr[-3000:]
+        rows = json.loads(report.stdout[report.stdout.index("[") :])
+        assert sorted(r["status"] for r in rows) == ["TERMINATED", "TERMINATED"]
+    finally:
+        down = subprocess.run([MODE_CL, "cluster-down", str(cluster)], capture_output=True, text=True, timeout=300)
+    assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+    time.sleep(2)
+    assert _ray_processes() == []
+    assert not (home / "mode-cl-work" / "mlflow" / "server.pid").exists()
+    server_left = subprocess.run(["pgrep", "-f", f"mlflow server.*{home}"], capture_output=True, text=True).stdout
+    assert server_left == ""
+    sshd["process"].send_signal(signal.SIGTERM)
+    sshd["process"].wait(timeout=10)
+    assert subprocess.run(["pgrep", "-f", str(tmp_path / "ssh")], capture_output=True).stdout == b""
