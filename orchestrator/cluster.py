@@ -130,9 +130,24 @@ def resume_on_cluster(cluster: Cluster, sweep_name: str) -> int:
     return exec_on_head(cluster, f"cd {cluster.project_dir} && {command}")
 
 
+BEGIN, END = "----- mode-cl output begins -----", "----- mode-cl output ends -----"
+
+
 def report_on_cluster(cluster: Cluster, sweep_name: str, output_format: str) -> int:
+    """The head's ``mode-cl report``, printed without ``ray exec``'s own messages (so that
+    ``--format json`` output can be piped)."""
     command = f"{cluster.mode_cl} report {shlex.quote(sweep_name)} --format {output_format} {_common_report(cluster)}"
-    return exec_on_head(cluster, f"cd {cluster.project_dir} && {command}")
+    wrapped = f"cd {cluster.project_dir} && echo '{BEGIN}' && {command}; code=$?; echo '{END}'; exit $code"
+    result = subprocess.run(
+        [RAY, "exec", str(cluster.config_path), wrapped], capture_output=True, text=True, check=False
+    )
+    lines = result.stdout.splitlines()
+    if BEGIN in lines and END in lines:
+        print("\n".join(lines[lines.index(BEGIN) + 1 : lines.index(END)]))
+    else:
+        sys.stderr.write(result.stdout[-3000:])
+    sys.stderr.write(result.stderr if result.returncode else "")
+    return result.returncode
 
 
 def _common_report(cluster: Cluster) -> str:

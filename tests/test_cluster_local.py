@@ -85,6 +85,34 @@ def sshd(tmp_path):
     process.wait(timeout=10)
 
 
+PROXY = """
+import selectors, socket, sys
+connection = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+selector = selectors.DefaultSelector()
+selector.register(sys.stdin.buffer, selectors.EVENT_READ, connection.sendall)
+selector.register(connection, selectors.EVENT_READ, sys.stdout.buffer.write)
+while True:  # relay until either side closes, then exit (no process keeps the session open)
+    for key, _ in selector.select():
+        data = key.fileobj.read1(65536) if key.fileobj is sys.stdin.buffer else key.fileobj.recv(65536)
+        if not data:
+            sys.exit(0)
+        key.data(data)
+        sys.stdout.buffer.flush()
+"""
+
+
+def _proxy_script(tmp_path: Path) -> Path:
+    """ssh ProxyCommand to the loopback port: Ray's local provider has no ssh port setting."""
+    path = tmp_path / "ssh" / "proxy.py"
+    path.write_text(PROXY)
+    return path
+
+
+def _sshd_sessions() -> set[int]:
+    listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return {int(line.split()[0]) for line in listing if "sshd:" in line}
+
+
 def _cluster_file(tmp_path: Path, sshd: dict) -> tuple[Path, Path]:
     """cluster.local.yaml with only what this machine needs changed: the head's paths under a
     temporary home (not the real ~), the throwaway key and the loopback port (ssh_proxy_command:
@@ -98,7 +126,7 @@ def _cluster_file(tmp_path: Path, sshd: dict) -> tuple[Path, Path]:
     data["auth"] = {
         "ssh_user": getpass.getuser(),
         "ssh_private_key": str(sshd["key"]),
-        "ssh_proxy_command": f"bash -c 'exec 3<>/dev/tcp/127.0.0.1/{sshd['port']}; cat <&3 & exec cat >&3'",
+        "ssh_proxy_command": f"{sys.executable} {_proxy_script(tmp_path)} {sshd['port']}",
     }
     data["setup_commands"] = [f"ln -sfn {sys.prefix} {home}/mode-cl/.venv"]
     path = tmp_path / "cluster.test.yaml"
@@ -110,6 +138,7 @@ def test_ray_up_sweep_on_the_cluster_mlflow_on_the_head_and_full_teardown(tmp_pa
     from mlflow.tracking import MlflowClient
 
     subprocess.run([RAY, "stop", "--force"], capture_output=True, check=False)
+    sessions_before = _sshd_sessions()
     cluster, home = _cluster_file(tmp_path, sshd)
     (tmp_path / "micro.yaml").write_text(MICRO_RUN)
     space = tmp_path / "onhead.yaml"
@@ -146,8 +175,46 @@ def test_ray_up_sweep_on_the_cluster_mlflow_on_the_head_and_full_teardown(tmp_pa
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert report.returncode == 0, report.stderr[-3000:]
-        rows = json.loads(report.stdout[report.stdout.index("[") :])
+        rows = json.loads(report.stdout)  # only the head's output: pipeable
         assert sorted(r["status"] for r in rows) == ["TERMINATED", "TERMINATED"]
+
+        # The driver dies and the head's Ray restarts mid-sweep; `mode-cl resume --cluster` finishes it.
+        killed = tmp_path / "killed.yaml"
+        killed.write_text(space.read_text().replace("name: onhead", "name: killed"))
+        log = (tmp_path / "killed.log").open("w")
+        driver = subprocess.Popen(
+            [MODE_CL, "sweep", str(killed), "--cluster", str(cluster)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        train_dir = home / "mode-cl-work" / "sweeps" / "killed" / "train"
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and driver.poll() is None:
+            if list(train_dir.glob("train-*/ckpt_t01_s000000/manifest.json")):
+                break
+            time.sleep(0.2)
+        assert list(train_dir.glob("train-*/ckpt_t01_s000000/manifest.json")), (tmp_path / "killed.log").read_text()
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        subprocess.run(["pkill", "-9", "-f", f"{home}/mode-cl/.venv/bin/mode-cl sweep"], check=False)
+        restart = subprocess.run(
+            [RAY, "up", "-y", "--restart-only", "--no-config-cache", str(cluster)],
+            cwd=ROOT, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert restart.returncode == 0, restart.stdout[-3000:] + restart.stderr[-3000:]
+        resume = subprocess.run(
+            [MODE_CL, "resume", "killed", "--cluster", str(cluster)], capture_output=True, text=True, timeout=900
+        )
+        assert resume.returncode == 0, resume.stdout[-4000:] + resume.stderr[-4000:]
+        runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert len(runs) == 3 and len(children) == 2  # one child per trial, reopened on resume
+        for child in children:
+            for metric in (*METRICS, "train/loss"):
+                steps = [m.step for m in client.get_metric_history(child.info.run_id, metric)]
+                assert steps and len(steps) == len(set(steps)), (metric, steps)
+        for run_dir in train_dir.glob("train-*"):
+            state = json.loads((run_dir / "ckpt_t02_s000000" / "state.json").read_text())
+            assert [e["task"] for e in state["task_log"] if e["event"] == "start"] == [0, 1]  # none trained twice
     finally:
         down = subprocess.run([MODE_CL, "cluster-down", str(cluster)], capture_output=True, text=True, timeout=300)
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
@@ -158,4 +225,12 @@ def test_ray_up_sweep_on_the_cluster_mlflow_on_the_head_and_full_teardown(tmp_pa
     assert server_left == ""
     sshd["process"].send_signal(signal.SIGTERM)
     sshd["process"].wait(timeout=10)
-    assert subprocess.run(["pgrep", "-f", str(tmp_path / "ssh")], capture_output=True).stdout == b""
+
+    def leftovers() -> tuple[set[int], bytes]:  # ssh sessions, and processes using the throwaway key/proxy
+        ours = subprocess.run(["pgrep", "-f", str(tmp_path / "ssh")], capture_output=True).stdout
+        return _sshd_sessions() - sessions_before, ours
+
+    deadline = time.monotonic() + 40  # Ray's ssh ControlMaster connections persist 10 s after last use
+    while leftovers() != (set(), b"") and time.monotonic() < deadline:
+        time.sleep(1)
+    assert leftovers() == (set(), b"")  # no sshd, ssh session or proxy left behind
