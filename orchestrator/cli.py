@@ -64,6 +64,9 @@ def _run(args: argparse.Namespace) -> int:
     console.print(
         f"[bold]mode-cl run[/] ({path}): method {config.method.name}, tasks {list(config.tasks)}, seed {config.seed}"
     )
+    storage = args.storage or str(work_dir / "ray_results")
+    existing = out / "checkpoints" if args.no_ray else (Path(storage) / name if "://" not in storage else None)
+    _refuse_changed_config(existing, config, name)
     if args.no_ray:
         from trainables.engine import run_sequence
 
@@ -71,11 +74,31 @@ def _run(args: argparse.Namespace) -> int:
     else:
         from orchestrator.train import run_with_ray
 
-        storage = args.storage or str(work_dir / "ray_results")
         results = run_with_ray(config, work_dir, out, name, storage, args.address, log=console.print)
     print_results(results, console)
     console.print(f"results: {out / 'results.json'}")
     return 0
+
+
+def _refuse_changed_config(checkpoints: Path | None, config, name: str) -> None:
+    """Resuming a run whose stored config differs would mix two experiments: refuse, with the diff."""
+    import json
+
+    from trainables.checkpoint import list_checkpoints
+    from trainables.config import config_diff
+
+    for directory in reversed(list_checkpoints(checkpoints) if checkpoints else []):
+        try:
+            stored = json.loads((directory / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if stored.get("config_hash") != config.config_hash():
+            raise UsageError(
+                f"run {name!r} already exists with a different config "
+                f"({config_diff(stored['config'], config.to_dict())}); "
+                "rerun it unchanged to resume, or pick another --name/--out"
+            )
+        return
 
 
 def _coin_errors():
@@ -291,6 +314,37 @@ def _ui(args: argparse.Namespace) -> int:
     return serve_forever(Path(args.work_dir) / "mlflow", args.port or 5000)
 
 
+def _gc(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from orchestrator.gc import collect, tree_size
+    from orchestrator.report import wide_console
+    from orchestrator.sweep import SWEEP_FILE, sweep_dir
+
+    directory = sweep_dir(args.sweep, _storage(args))
+    if not (directory / SWEEP_FILE).is_file():
+        raise UsageError(f"no sweep at {directory}: check the name, or pass --storage where it was run")
+    before = tree_size(directory)
+    result = collect(directory, dry_run=args.dry_run)
+    console = wide_console()
+    verb = "would remove" if args.dry_run else "removed"
+    console.print(
+        f"{len(result.finished)} finished trial(s): {verb} {len(result.removed)} checkpoint(s), "
+        f"{result.freed_bytes / 2**20:.1f} MiB; {len(result.unfinished)} unfinished trial(s) left as they are"
+    )
+    work_dir = Path(args.work_dir)
+    table = Table(title="disk footprint")
+    table.add_column("what")
+    table.add_column("MiB", justify="right")
+    after = before - (0 if args.dry_run else result.freed_bytes)
+    table.add_row(f"sweep {directory.name} (Tune/Train state, checkpoints)", f"{after / 2**20:.1f}")
+    for name, what in (("mlflow", "MLflow store (all sweeps)"), ("base", "base models"), ("data", "task data"),
+                       ("teacher_cache", "teacher caches")):  # fmt: skip
+        table.add_row(f"{what}: {work_dir / name}", f"{tree_size(work_dir / name) / 2**20:.1f}")
+    console.print(table)
+    return 0
+
+
 def _cluster(path: Path):
     from orchestrator.cluster import ClusterError, load_cluster
 
@@ -418,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     ui.add_argument("--cluster", type=Path, help="forward the MLflow UI of this `ray up` cluster's head")
     ui.set_defaults(func=_ui)
+    gc = commands.add_parser("gc", help="remove checkpoints of a sweep's finished trials (keeps each final one)")
+    gc.add_argument("sweep", help="sweep name or directory")
+    gc.add_argument("--storage", help="where the sweep was run (default <work-dir>/sweeps)")
+    gc.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    gc.set_defaults(func=_gc)
     down = commands.add_parser("cluster-down", help="stop a `ray up` cluster's services and tear it down")
     down.add_argument("cluster", type=Path, help="the cluster YAML given to `ray up`")
     down.set_defaults(func=_cluster_down)

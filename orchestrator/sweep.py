@@ -269,6 +269,25 @@ def check_new_sweep(name: str, storage: str) -> Path:
     return directory
 
 
+def space_settings(space: SweepSpace) -> dict[str, Any]:
+    """Everything that decides a sweep's trials: base run config, fixed overrides, trial list,
+    distributions, objective, scheduler, search, samples."""
+    return json.loads(
+        json.dumps(
+            {
+                "base": space.base,
+                "fixed": space.fixed,
+                "trials": space.trials,
+                "distributions": space.distributions,
+                "objective": [space.objective_metric, space.objective_mode],
+                "scheduler": space.scheduler,
+                "search": space.search,
+                "num_samples": space.num_samples,
+            }
+        )
+    )
+
+
 def check_resumable(name_or_path: str, storage: str) -> Path:
     """The directory of a sweep that can be resumed; clear errors otherwise."""
     from ray import tune
@@ -279,6 +298,19 @@ def check_resumable(name_or_path: str, storage: str) -> Path:
         raise ValueError(f"no sweep at {directory}: check the name, or pass --storage where it was run")
     if not tune.Tuner.can_restore(str(directory)):
         raise ValueError(f"{directory} has no Tune state to restore (the sweep never started its trials)")
+    record = json.loads((directory / SWEEP_FILE).read_text())
+    if "space_settings" in record:
+        from trainables.config import config_diff
+
+        try:
+            current = space_settings(load_space(record["space"]))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{record['space']}: the sweep's space file cannot be read ({error})") from None
+        if current != record["space_settings"]:
+            raise ValueError(
+                f"{record['space']} changed since sweep {directory.name!r} started "
+                f"({config_diff(record['space_settings'], current)}); restore it to resume, or start a new sweep"
+            )
     return directory
 
 
@@ -293,6 +325,7 @@ def run_sweep(
     tracking = _parent_run(tracking_uri, space, space.name) if tracking_uri else None
     directory.mkdir(parents=True, exist_ok=True)
     record = {"space": str(space.path.resolve()), "work_dir": str(work_dir), "storage": storage}
+    record["space_settings"] = space_settings(space)  # what `resume` must find unchanged
     record["parent_run_id"] = tracking["parent_run_id"] if tracking else None
     record["experiment_id"] = tracking["experiment_id"] if tracking else None
     (directory / SWEEP_FILE).write_text(json.dumps(record, indent=2))

@@ -34,6 +34,10 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint's files are missing or do not match its manifest."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (nothing partial is left as a checkpoint)."""
+
+
 @dataclass
 class Progress:
     """Where a task sequence stands; everything JSON-serialisable."""
@@ -71,18 +75,25 @@ def write_checkpoint(
     """Write a complete checkpoint at ``directory`` (replacing nothing until it is complete)."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_adapter(tmp / "adapter")
-    torch.save(optimizer_state or {}, tmp / "optimizer.pt")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(progress), indent=1))
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_adapter(tmp / "adapter")
+        torch.save(optimizer_state or {}, tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(asdict(progress), indent=1))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    except OSError as error:  # disk full, quota, permissions: stop loudly, keep the previous checkpoints
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"writing checkpoint {directory} failed ({error.strerror or error}); free space (e.g. `mode-cl gc`) "
+            "and rerun the same command: it resumes from the newest complete checkpoint"
+        ) from error
     # Same name only when a resumed run rewrites a position it had reached: move the old one aside
     # first, so at every instant one complete checkpoint of that name exists or is recoverable.
     old = directory.with_name(f".{directory.name}.old")

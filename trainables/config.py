@@ -292,12 +292,38 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise ConfigError(f"{path}: cannot be read ({reason}); pass a readable YAML file") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(error, 'problem', error)})") from None
     return _build(RunConfig, apply_overrides(data, list(overrides)), "")
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], limit: int = 5) -> str:
+    """``path: old → new`` for every differing leaf of two config dicts (the first ``limit``), one line."""
+
+    def flat(data: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(data, dict):
+            items: dict[str, Any] = {}
+            for key, value in data.items():
+                items |= flat(value, f"{prefix}.{key}" if prefix else str(key))
+            return items
+        return {prefix: data}
+
+    before, after = flat(old), flat(new)
+    changes = [
+        f"{key}: {before.get(key, '(unset)')!r} → {after.get(key, '(unset)')!r}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key, "(unset)") != after.get(key, "(unset)")
+    ]
+    more = f" (+{len(changes) - limit} more)" if len(changes) > limit else ""
+    return "; ".join(changes[:limit]) + more
