@@ -19,6 +19,7 @@ import contextlib
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -88,6 +89,8 @@ def time_variant(name: str, official: bool, cached: bool, args, vocab, ids, batc
 
 
 def main() -> None:
+    # peft 0.21 reads a transformers property deprecated in 5.x (not actionable here).
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -57,6 +58,8 @@ def time_steps(name: str, config: MethodConfig, steps: int, batch: Batch, vocab,
 
 
 def main() -> None:
+    # peft 0.21 reads a transformers property deprecated in 5.x (not actionable here).
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)

@@ -131,3 +131,18 @@ def test_any_non_positive_or_non_numeric_value_is_refused_in_one_line(field, val
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and field in err[0], (value, err)
     assert not (tmp_path / "w").exists()
+
+
+def test_resuming_a_run_with_a_different_config_is_refused_with_the_diff(tmp_path, capsys):
+    from tests.conftest import MICRO_RUN
+
+    common = ["--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "run"), "--no-ray"]
+    sets = [item for override in MICRO_RUN for item in ("--set", override)]
+    assert main(["run", *sets, *common]) == 0
+    capsys.readouterr()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["run", *sets, "--set", "method.r=3", "--set", "train.lr=0.01", *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists with a different config" in err[0], err
+    assert "method.r: 2 → 3" in err[0] and "train.lr: 0.003 → 0.01" in err[0]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -140,6 +140,12 @@ def test_killed_sweep_driver_resumes_without_duplicates(tmp_path, mlflow_uri):
     process.wait()
     _stop_ray()
 
+    original = space.read_text()  # a space edited since the start is refused, with what changed
+    space.write_text(original.replace("[0.1, 0.3]", "[0.1, 0.5]"))
+    changed = subprocess.run([MODE_CL, "resume", "killed", *common], capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2 and "changed since sweep 'killed' started" in changed.stderr, changed.stderr
+    assert "0.3 → 0.5" in changed.stderr and len(changed.stderr.strip().splitlines()) == 1
+    space.write_text(original)
     result = subprocess.run([MODE_CL, "resume", "killed", *common], capture_output=True, text=True, timeout=600)
     _stop_ray()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import torch
@@ -152,12 +153,16 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), key=lambda p: p.name)
 
 
+# weights_only loading refuses pickled objects with UnpicklingError: such a checkpoint is unusable, not run.
+UNUSABLE = (CorruptCheckpointError, OSError, ValueError, RuntimeError, TypeError, KeyError, UnpicklingError)
+
+
 def latest_good(candidates: list[Path], warn: Callable[[str], None] | None = None) -> LoadedCheckpoint | None:
     """The newest checkpoint among ``candidates`` that verifies; each skipped one is reported."""
     for directory in sorted(candidates, key=lambda p: p.name, reverse=True):
         try:
             return read_checkpoint(directory)
-        except (CorruptCheckpointError, OSError, ValueError, RuntimeError, TypeError, KeyError) as error:
+        except UNUSABLE as error:
             message = f"checkpoint {directory.name} is unusable ({error}); falling back to the previous one"
             (warn or (lambda m: warnings.warn(m, stacklevel=2)))(message)
     return None

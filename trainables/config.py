@@ -317,6 +317,11 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], limit: int = 5) -> str
             for key, value in data.items():
                 items |= flat(value, f"{prefix}.{key}" if prefix else str(key))
             return items
+        if isinstance(data, list) and data:
+            items = {}
+            for index, value in enumerate(data):
+                items |= flat(value, f"{prefix}[{index}]")
+            return items
         return {prefix: data}
 
     before, after = flat(old), flat(new)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +144,7 @@ class TrialTracker:
             for stage, row in zip(stages, results["acc_matrix"], strict=True):
                 buffer.write(",".join([stage, *(f"{v:.6f}" for v in row)]) + "\n")
             (out / "acc_matrix.csv").write_text(buffer.getvalue())
-            (out / "results.json").write_text(json.dumps(results, indent=2))
+            (out / "results.json").write_text(redact(json.dumps(results, indent=2)))
             plot_accuracy_matrix(results, out / "acc_matrix.png")
             plot_forgetting_curves(results, out / "forgetting_curves.png")
             self.client.log_artifacts(self.run_id, tmp)
@@ -155,10 +158,25 @@ class TrialTracker:
         self.client.set_terminated(self.run_id, "FINISHED")
 
 
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)
+REDACTED = "***redacted***"
+
+
+def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """``text`` with the value of every secret-looking environment variable (name matching KEY,
+    TOKEN, SECRET, PASSWORD, CREDENTIAL, AUTH; value of 8+ characters) replaced: a secret passed
+    through a config value or a path must not reach MLflow params or logs."""
+    environ = os.environ if environ is None else environ
+    for name, value in environ.items():
+        if len(value) >= 8 and SECRET_NAME.search(name) and value in text:
+            text = text.replace(value, REDACTED)
+    return text
+
+
 def _param(key: str, value: str):
     from mlflow.entities import Param
 
-    return Param(key[:250], value[:6000])
+    return Param(key[:250], redact(value)[:6000])
 
 
 def plot_accuracy_matrix(results: dict[str, Any], path: Path) -> None:
