@@ -157,17 +157,30 @@ def _common_report(cluster: Cluster) -> str:
 def ui_on_cluster(cluster: Cluster, local_port: int) -> int:
     """Forward ``127.0.0.1:local_port`` to the head's MLflow server until interrupted.
 
-    ``ray exec --port-forward`` tunnels to the head's loopback; a relay there connects to the
-    server's own address (the head's private IP on clouds, so that workers can reach it)."""
+    An SSH tunnel (Ray's own, from the cluster file's auth) reaches a relay on the head's loopback
+    (port ``mlflow_port + 100``), which connects to the server's own address — the head's private IP
+    on clouds, so that workers can reach it; nothing is opened beyond SSH."""
+    from ray.autoscaler.sdk import run_on_cluster
+
+    relay_port = cluster.mlflow_port + 100
     print(f"MLflow UI of cluster {cluster.name}: http://127.0.0.1:{local_port}  (Ctrl-C to stop)", flush=True)
-    relay = f"{cluster.mode_cl} tracking-server relay --store {cluster.mlflow_store} --port {local_port}"
-    return exec_on_head(cluster, relay, port_forward=local_port)
+    relay = f"{cluster.mode_cl} tracking-server relay --store {cluster.mlflow_store} --port {relay_port}"
+    try:
+        run_on_cluster(str(cluster.config_path), cmd=relay, port_forward=(local_port, relay_port))
+    except KeyboardInterrupt:
+        pass
+    except Exception as error:  # Ray raises ClickException/RuntimeError subclasses for SSH failures
+        print(f"error: the tunnel to {cluster.name} failed ({error})", file=sys.stderr)
+        return 1
+    return 0
 
 
 def down(cluster: Cluster) -> int:
     """Stop the head's tracking server and Ray, then ``ray down``: the local provider's ``ray down``
     alone leaves the head's Ray processes running."""
     stop = (
+        # relays left by `ui --cluster` (the store unquoted: the head's shell expands a leading ~)
+        f'pkill -f "tracking-server rela[y] --store "{cluster.mlflow_store}; '  # [y]: not this shell
         f"{cluster.mode_cl} tracking-server stop --store {cluster.mlflow_store}; "
         f"{cluster.ray} stop --force; rm -f ~/ray_bootstrap_config.yaml ~/ray_bootstrap_key.pem"
     )

@@ -17,24 +17,18 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.test_sweep_e2e import MICRO_RUN
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MODE_CL, RAY = str(BIN / "mode-cl"), str(BIN / "ray")
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-MICRO_RUN = """
-tasks: [parity, bigsmall]
-base: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, epochs: 1}
-data: {task_train: 48, task_test: 24}
-train: {epochs: 1, batch_size: 16}
-eval: {gen_samples_per_digit: 2}
-method: {name: mode, r: 2, num_experts: 2}
-resources: {cpus_per_worker: 1}
-"""
 METRICS = ("acc/parity", "acc/bigsmall", "avg_acc", "forgetting", "gen/acc", "inter_modal_forgetting")
 
 missing = [tool for tool in (SSHD, "ssh-keygen", "rsync", "ssh") if not shutil.which(tool) and not Path(tool).exists()]
@@ -46,6 +40,19 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _get(url: str, timeout_s: float = 10) -> str:
+    """GET ``url``, retrying while the tunnel comes up."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def _ray_processes() -> list[str]:
@@ -170,6 +177,25 @@ def test_ray_up_sweep_on_the_cluster_mlflow_on_the_head_and_full_teardown(tmp_pa
             for metric in METRICS:
                 assert [m.step for m in client.get_metric_history(child.info.run_id, metric)] == [0, 1, 2], metric
 
+        # `mode-cl ui --cluster`: the MLflow UI and API through the SSH tunnel and the head's relay
+        ui_port = _free_port()
+        ui_log = (tmp_path / "ui.log").open("w")
+        ui = subprocess.Popen(
+            [MODE_CL, "ui", "--cluster", str(cluster), "--port", str(ui_port)],
+            stdout=ui_log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            page = _get(f"http://127.0.0.1:{ui_port}/", timeout_s=120)
+            assert "<title>MLflow</title>" in page or "mlflow" in page.lower(), page[:300]
+            found = json.loads(
+                _get(f"http://127.0.0.1:{ui_port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=onhead")
+            )
+            assert found["experiment"]["experiment_id"] == experiment.experiment_id
+        finally:
+            os.killpg(ui.pid, signal.SIGTERM)
+            ui.wait(timeout=30)
+        assert f"http://127.0.0.1:{ui_port}" in (tmp_path / "ui.log").read_text()
+
         report = subprocess.run(
             [MODE_CL, "report", "onhead", "--format", "json", "--cluster", str(cluster)],
             capture_output=True, text=True, timeout=300,
@@ -223,6 +249,8 @@ def test_ray_up_sweep_on_the_cluster_mlflow_on_the_head_and_full_teardown(tmp_pa
     assert not (home / "mode-cl-work" / "mlflow" / "server.pid").exists()
     server_left = subprocess.run(["pgrep", "-f", f"mlflow server.*{home}"], capture_output=True, text=True).stdout
     assert server_left == ""
+    relay_left = subprocess.run(["pgrep", "-f", f"tracking-server relay --store {home}"], capture_output=True).stdout
+    assert relay_left == b""
     sshd["process"].send_signal(signal.SIGTERM)
     sshd["process"].wait(timeout=10)
 
