@@ -209,7 +209,11 @@ def _tuner(space: SweepSpace, context: dict[str, Any], storage: str, log: Log, r
 
 
 def _prepare(space: SweepSpace, work_dir: Path) -> None:
+    """Build the digits data and tiny base model once, before trials start (CoIN configs bring
+    their own imported data and checkpoint: nothing to prepare)."""
     config = space.trial_config(space.trials[0])
+    if config.coin is not None:
+        return
     from trainables.base_model import pretrain_base
     from trainables.engine import prepare_data
 

@@ -65,8 +65,8 @@ def run_with_ray(
     from trainables.worker import train_fn_per_worker
 
     work_dir = Path(work_dir).resolve()
-    task_file = prepare_data(config, work_dir)
-    pretrain_base(config.base, config.data, task_file, work_dir)
+    if config.coin is None:  # the digits benchmark: data and base model built once, here
+        pretrain_base(config.base, config.data, prepare_data(config, work_dir), work_dir)
     local_run_dir = Path(storage) / name if "://" not in storage else None
     if local_run_dir is not None and list_checkpoints(local_run_dir):
         log(f"run {name!r} already has checkpoints in {local_run_dir}: resuming it instead of starting over")
