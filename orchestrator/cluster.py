@@ -112,11 +112,12 @@ def upload_space(cluster: Cluster, space_path: Path, sweep_name: str) -> str:
     return f"{remote}{sweep_name}/{space_path.name}"
 
 
+def _paths(cluster: Cluster) -> str:
+    return f"--work-dir {cluster.work_dir} --storage {cluster.storage}"
+
+
 def _common(cluster: Cluster) -> str:
-    return (
-        f"--address auto --tracking-uri {cluster.tracking_uri} "
-        f"--work-dir {cluster.work_dir} --storage {cluster.storage}"
-    )
+    return f"--address auto --tracking-uri {cluster.tracking_uri} {_paths(cluster)}"
 
 
 def sweep_on_cluster(cluster: Cluster, space_path: Path, sweep_name: str) -> int:
@@ -136,7 +137,7 @@ BEGIN, END = "----- mode-cl output begins -----", "----- mode-cl output ends ---
 def report_on_cluster(cluster: Cluster, sweep_name: str, output_format: str) -> int:
     """The head's ``mode-cl report``, printed without ``ray exec``'s own messages (so that
     ``--format json`` output can be piped)."""
-    command = f"{cluster.mode_cl} report {shlex.quote(sweep_name)} --format {output_format} {_common_report(cluster)}"
+    command = f"{cluster.mode_cl} report {shlex.quote(sweep_name)} --format {output_format} {_paths(cluster)}"
     wrapped = f"cd {cluster.project_dir} && echo '{BEGIN}' && {command}; code=$?; echo '{END}'; exit $code"
     result = subprocess.run(
         [RAY, "exec", str(cluster.config_path), wrapped], capture_output=True, text=True, check=False
@@ -148,10 +149,6 @@ def report_on_cluster(cluster: Cluster, sweep_name: str, output_format: str) -> 
         sys.stderr.write(result.stdout[-3000:])
     sys.stderr.write(result.stderr if result.returncode else "")
     return result.returncode
-
-
-def _common_report(cluster: Cluster) -> str:
-    return f"--work-dir {cluster.work_dir} --storage {cluster.storage}"
 
 
 def ui_on_cluster(cluster: Cluster, local_port: int) -> int:

@@ -34,8 +34,7 @@ class Collection:
 
 
 def _final_checkpoint(run_dir: Path) -> Path | None:
-    state = sorted(list_checkpoints(run_dir), key=lambda p: p.name)
-    for candidate in reversed(state):
+    for candidate in reversed(list_checkpoints(run_dir)):  # newest first
         try:
             verify(candidate)
             progress = json.loads((candidate / "state.json").read_text())

@@ -29,6 +29,14 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, store: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not _healthy(url):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the MLflow server did not start on {url}; see {store / 'server.log'}")
+        time.sleep(0.3)
+
+
 def server_command(
     store: Path,
     port: int,
@@ -86,12 +94,11 @@ def start_detached(
         process = subprocess.Popen(
             command, stdout=server_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
-    deadline = time.monotonic() + timeout_s
-    while not _healthy(url):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"the MLflow server did not start on {url}; see {store / 'server.log'}")
-        time.sleep(0.3)
+    try:
+        _wait_healthy(url, process, timeout_s, store)
+    except RuntimeError:
+        process.kill()
+        raise
     pid_file.write_text(str(process.pid))
     uri_file.write_text(url)
     return url
@@ -139,11 +146,7 @@ def tracking_server(
     try:
         if while_starting is not None:
             while_starting()
-        deadline = time.monotonic() + timeout_s
-        while not _healthy(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the MLflow server did not start; see {store / 'server.log'}")
-            time.sleep(0.3)
+        _wait_healthy(url, process, timeout_s, store)
         log(f"MLflow tracking server: {url} (store {store})")
         yield url
     finally:

@@ -223,4 +223,5 @@ def load_or_build(
         partial.rename(directory)
         elapsed = time.perf_counter() - started
         log(f"teacher cache {key}: computed {len(values)} stream samples (K={k}) in {elapsed:.1f}s")
-        return TeacherCache.read(directory)
+        index = None if positions is None else torch.from_numpy(np.concatenate(positions))
+        return TeacherCache(torch.from_numpy(np.concatenate(values)), index, [v.shape[0] for v in values], key)
