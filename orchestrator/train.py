@@ -39,6 +39,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if address:
+        _token_auth_for_explicit_address(address)
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(
@@ -48,6 +49,23 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
             dashboard_host="127.0.0.1",
             log_to_driver=True,
         )
+
+
+def _token_auth_for_explicit_address(address: str) -> None:
+    """Ray sends its auth token only when it finds the cluster itself (``auto``); given an explicit
+    ``HOST:PORT`` it connects without one unless RAY_AUTH_MODE=token, and a token-protected cluster
+    (Ray's default) then answers "Authentication token is missing" for 20 s. With a token available
+    (``~/.ray/auth_token``, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) we present it, as ``auto`` would."""
+    if address == "auto" or "RAY_AUTH_MODE" in os.environ:
+        return
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:  # Ray caches its config at import: refresh it, as Ray's own `auto` path does
+            from ray._private.authentication.authentication_token_setup import _enable_token_auth
+        except ImportError:
+            return
+        _enable_token_auth()
 
 
 def run_with_ray(

@@ -1,4 +1,4 @@
-"""The CoIN benchmark at real scale: imported Parquet data, greedy answers, image-token metrics.
+"""The CoIN benchmark at real scale: imported Parquet data, greedy answers, image-generation scores.
 
 :class:`CoinBenchmark` has the interface the engine uses for any benchmark: ``ids``,
 ``train_set(task)``, ``stream`` (image-only distillation sequences) and ``evaluate(model, stage)``
@@ -6,12 +6,25 @@
 vocabulary (image codebook masked, as the paper's text inference) until end-of-sequence or
 ``coin.max_new_tokens``, then scored with :mod:`trainables.coin_scoring`.
 
-Generation scores on the held-out generation split (teacher-forced, no sampling):
+Generation scores on the held-out generation split, always (teacher-forced, no sampling):
 ``nll`` — mean image-token NLL over the image span (begin-image … end-image) given the caption;
 ``accuracy`` — share of those image tokens the model predicts as its top-1 (over the image
-vocabulary), higher is better, so ``inter_modal_forgetting`` = its drop from the base model;
-``frechet`` — NaN: an FID needs pixels, and transformers' ``ChameleonVQVAE`` has no decoder (the
-released HF checkpoints hold the encoder only), so generated tokens cannot be turned into images here.
+vocabulary), higher is better, so ``inter_modal_forgetting`` = its drop from the base model.
+
+Sampled text-to-image scores, when ``coin.vqgan`` and ``coin.clip_model`` are set (the paper's
+inter-modal columns): for up to ``coin.t2i_prompts`` held-out captions, an image is sampled from
+``<s> caption <sep> begin-image`` (:func:`trainables.t2i.sample_image_tokens`: 1,024 codebook
+tokens for the 7B model, ``do_sample`` with ``coin.t2i_temperature``/``t2i_top_k``, seed
+``coin.t2i_seed``; MoDE routes the caption to the T-MoE and the image tokens to the V-Adapter, as
+in training), decoded to pixels by Chameleon's VQGAN decoder (:mod:`trainables.vqgan`) and scored
+with CLIP (:mod:`trainables.clip_scores`):
+``text_align`` ↑ — cosine of each image's CLIP embedding with its caption's;
+``image_align`` ↑ — mean cosine of each image to every reference image;
+``fd_clip`` ↓ — Fréchet distance of CLIP image embeddings, generated vs reference (not Inception FID).
+References are the images in ``coin.reference_images``, or else the VQGAN reconstructions of the
+held-out generation images' own tokens. ``frechet`` is ``fd_clip`` when these scores are on, and
+NaN otherwise: transformers' ``ChameleonVQVAE`` has no decoder (the HF checkpoints hold the encoder
+only), so pixels need Meta's separate VQGAN checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from trainables.batching import SampleSet
+from trainables.chameleon import tokens_per_image
 from trainables.coin_scoring import is_correct
 from trainables.config import RunConfig
 from trainables.data.coin import (
@@ -158,11 +172,24 @@ class CoinBenchmark:
         rows, starts = stream_table.column("input_ids").to_pylist(), stream_table.column("answer_start").to_pylist()
         spans = [row[start:] for row, start in zip(rows, starts, strict=True)]
         self.stream = SampleSet(spans, [True] * len(spans), self.ids.pad)
-        self.test_generation = (
-            self._samples(read_split(self.data_dir, GENERATION, "test", coin.eval_limit))
-            if "test" in manifest[GENERATION]
-            else None
+        self.generation_table = (
+            read_split(self.data_dir, GENERATION, "test", coin.eval_limit) if "test" in manifest[GENERATION] else None
         )
+        self.test_generation = self._samples(self.generation_table) if self.generation_table is not None else None
+        self.tokens_per_image = tokens_per_image(model_config)
+        self.vocabulary_map = dict(model_config.vocabulary_map)
+        self._t2i: dict | None = None  # decoder, CLIP scorer and reference embeddings, loaded on first use
+        if coin.vqgan is not None:
+            if not Path(coin.vqgan).expanduser().is_file():
+                raise CoinInputError(
+                    f"coin.vqgan: {coin.vqgan} does not exist; point it at Chameleon's tokenizer/vqgan.ckpt "
+                    "(or its converted .safetensors), or unset vqgan and clip_model"
+                )
+            if coin.reference_images is not None and not Path(coin.reference_images).expanduser().is_dir():
+                raise CoinInputError(
+                    f"coin.reference_images: {coin.reference_images} is not a directory; "
+                    "point it at reference images or unset it to use VQGAN reconstructions"
+                )
         self.tests = {task: read_split(self.data_dir, task, "test", coin.eval_limit) for task in config.tasks}
 
     def _truncate(self, sequence: list[int]) -> list[int]:
@@ -205,10 +232,86 @@ class CoinBenchmark:
         ]
         return sum(hits) / len(hits)
 
+    def _t2i_parts(self, device: torch.device) -> dict:
+        """VQGAN decoder, CLIP scorer and reference embeddings (model-independent: built once)."""
+        if self._t2i is not None:
+            return self._t2i
+        from trainables.clip_scores import ClipScorer, load_reference_images
+        from trainables.vqgan import ImageCodeMap, load_vqgan_decoder
+
+        coin = self.coin
+        decoder = load_vqgan_decoder(coin.vqgan, device=device)
+        if decoder.config.tokens_per_image != self.tokens_per_image:
+            raise CoinInputError(
+                f"coin.vqgan: the decoder makes images of {decoder.config.tokens_per_image} codes but the model's "
+                f"VQ-VAE uses {self.tokens_per_image}; use the VQGAN of the same Chameleon release"
+            )
+        scorer = ClipScorer(coin.clip_model, device=device, batch_size=coin.eval_batch_size)
+        code_map = ImageCodeMap(self.vocabulary_map)
+        parts = {"decoder": decoder, "scorer": scorer, "code_map": code_map}
+        if coin.reference_images is not None:
+            reference = scorer.image_embeddings(load_reference_images(coin.reference_images))
+        else:  # the held-out images themselves, as the VQGAN reconstructs them from their tokens
+            spans = []
+            for row, start in zip(*self._generation_columns("input_ids", "answer_start"), strict=True):
+                span = [t for t in row[start:] if t not in (self.ids.begin_image, self.ids.end_image)]
+                if len(span) == self.tokens_per_image:
+                    spans.append(span)
+            reference = self._embed_codes(parts, spans)
+        parts["reference"] = reference
+        self.log(f"t2i scoring: VQGAN {coin.vqgan}, CLIP {coin.clip_model}, {len(reference)} reference images")
+        self._t2i = parts
+        return parts
+
+    def _generation_columns(self, *names: str) -> list[list]:
+        table = self.generation_table
+        return [table.column(name).to_pylist() for name in names]
+
+    def _embed_codes(self, parts: dict, spans: list[list[int]]) -> torch.Tensor:
+        """CLIP embeddings of the images decoded from BPE code spans, a few images at a time."""
+        chunk = max(1, min(4, self.coin.eval_batch_size))
+        out = [torch.empty(0, parts["scorer"].model.config.projection_dim)]
+        for start in range(0, len(spans), chunk):
+            codes = parts["code_map"].codes(spans[start : start + chunk])
+            out.append(parts["scorer"].image_embeddings(parts["decoder"].decode(codes)))
+        return torch.cat(out)
+
+    def t2i_scores(self, model: nn.Module) -> dict[str, float]:
+        """``text_align``, ``image_align``, ``fd_clip`` of images sampled for held-out captions."""
+        from trainables.t2i import sample_image_tokens, span_codes
+
+        nan = {"text_align": math.nan, "image_align": math.nan, "fd_clip": math.nan}
+        if self.generation_table is None:
+            return nan
+        coin = self.coin
+        rows, starts, captions = self._generation_columns("input_ids", "answer_start", "question")
+        chosen = [i for i, caption in enumerate(captions) if caption and caption.strip()][: coin.t2i_prompts]
+        if not chosen:
+            self.log("[yellow]t2i scoring: no held-out generation record has a caption; scores are NaN")
+            return nan
+        parts = self._t2i_parts(_device(model))
+        prompts = [rows[i][: starts[i]] for i in chosen]  # <s> caption <sep>
+        spans = sample_image_tokens(
+            model,
+            prompts,
+            self.ids,
+            self.tokens_per_image,
+            temperature=coin.t2i_temperature,
+            top_k=coin.t2i_top_k,
+            seed=coin.t2i_seed,
+            batch_size=coin.eval_batch_size,
+        )
+        generated = self._embed_codes(parts, span_codes(spans, self.ids, self.tokens_per_image))
+        return parts["scorer"].scores(generated, [captions[i] for i in chosen], parts["reference"])
+
     def evaluate(self, model: nn.Module, stage: int) -> tuple[list[float], dict[str, float]]:
         model.eval()
         row = [self.accuracy(model, task) for task in self.config.tasks]
         nll, top1 = math.nan, math.nan
         if self.test_generation is not None:
             nll, top1 = image_token_scores(model, self.test_generation, self.ids, self.coin.eval_batch_size)
-        return row, {"accuracy": top1, "frechet": math.nan, "nll": nll}
+        scores = {"accuracy": top1, "frechet": math.nan, "nll": nll}
+        if self.coin.vqgan is not None and self.coin.clip_model is not None:
+            sampled = self.t2i_scores(model)
+            scores |= sampled | {"frechet": sampled["fd_clip"]}
+        return row, scores

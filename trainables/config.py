@@ -97,6 +97,16 @@ class CoinConfig:
         eval_limit: evaluate at most this many test samples per task (null = all).
         eval_batch_size: prompts per batch during greedy decoding and image-token scoring.
         separator_token: vocabulary-map name of the prompt/answer separator (Chameleon's end of turn).
+        vqgan: Chameleon's VQGAN tokenizer checkpoint (``tokenizer/vqgan.ckpt``, or the ``.safetensors``
+            written by ``trainables.vqgan.convert_vqgan_checkpoint``); its ``vqgan.yaml`` is read when next
+            to it. With ``clip_model`` it turns on sampled text-to-image scoring (see ``trainables.coin_eval``).
+        clip_model: CLIP model directory or Hugging Face id already in the local cache
+            (e.g. ``openai/clip-vit-base-patch32``, the paper's ViT-B/32); set together with ``vqgan``.
+        reference_images: directory of real reference images for ``image_align`` / ``fd_clip``;
+            null = the VQGAN reconstructions of the held-out generation images.
+        t2i_prompts: sample images for at most this many held-out generation captions (the paper: 101).
+        t2i_temperature / t2i_top_k: sampling temperature (> 0) and optional top-k over the codebook.
+        t2i_seed: sampling seed (each prompt has its own generator; the paper's 42).
     """
 
     model: str = "leloy/Anole-7b-v0.1-hf"
@@ -109,6 +119,13 @@ class CoinConfig:
     eval_limit: int | None = None
     eval_batch_size: int = 8
     separator_token: str = "<reserved08706>"
+    vqgan: str | None = None
+    clip_model: str | None = None
+    reference_images: str | None = None
+    t2i_prompts: int = 101
+    t2i_temperature: float = 1.0
+    t2i_top_k: int | None = None
+    t2i_seed: int = 42
 
     def __post_init__(self) -> None:
         from trainables.chameleon import ATTN_IMPLEMENTATIONS, DTYPES
@@ -122,6 +139,26 @@ class CoinConfig:
             )
         if self.eval_limit is not None and self.eval_limit <= 0:
             raise ValueError(f"eval_limit must be a positive integer or null, got {self.eval_limit!r}")
+        if (self.vqgan is None) != (self.clip_model is None):
+            missing = "clip_model" if self.clip_model is None else "vqgan"
+            raise ValueError(
+                f"{missing} is not set: sampled image-generation scores need both vqgan (Chameleon's "
+                "tokenizer/vqgan.ckpt) and clip_model (e.g. openai/clip-vit-base-patch32); set both or neither"
+            )
+        if self.reference_images is not None and self.vqgan is None:
+            raise ValueError("reference_images is set but vqgan/clip_model are not; set them or drop reference_images")
+        if self.t2i_prompts <= 0:
+            raise ValueError(f"t2i_prompts must be a positive integer, got {self.t2i_prompts!r}")
+        if not self.t2i_temperature > 0:
+            raise ValueError(
+                f"t2i_temperature must be > 0 (greedy sampling gives blank images), got {self.t2i_temperature!r}"
+            )
+        if self.t2i_top_k is not None and self.t2i_top_k <= 0:
+            raise ValueError(f"t2i_top_k must be a positive integer or null, got {self.t2i_top_k!r}")
+
+
+# CoinConfig fields of sampled text-to-image scoring, left out of RunConfig.to_dict() while it is off.
+T2I_FIELDS = ("vqgan", "clip_model", "reference_images", "t2i_prompts", "t2i_temperature", "t2i_top_k", "t2i_seed")
 
 
 @dataclass(frozen=True)
@@ -149,6 +186,9 @@ class RunConfig:
         data = json.loads(json.dumps(asdict(self)))
         if data["coin"] is None:  # digits runs keep the dict (and hash) they had before CoIN existed
             del data["coin"]
+        elif data["coin"]["vqgan"] is None:  # CoIN runs without T2I scoring keep their earlier dict (and hash)
+            for name in T2I_FIELDS:
+                del data["coin"][name]
         return data
 
     def config_hash(self) -> str:
@@ -160,8 +200,8 @@ POSITIVE_INTS |= {"num_workers", "cpus_per_worker"}
 POSITIVE_INTS |= {"num_attention_heads", "gen_samples_per_digit", "levels", "task_train", "task_test", "test_images"}
 POSITIVE_FLOATS = {"lr", "alpha", "kd_temperature", "gpus_per_worker", "grad_clip"}
 NON_NEGATIVE = {"kd_weight", "weight_decay", "seed", "gen_temperature", "every_steps", "num_to_keep"}
-NON_NEGATIVE |= {"max_failures"}
-POSITIVE_INTS |= {"max_length", "max_new_tokens", "eval_batch_size"}
+NON_NEGATIVE |= {"max_failures", "t2i_seed"}
+POSITIVE_INTS |= {"max_length", "max_new_tokens", "eval_batch_size", "t2i_prompts"}
 
 
 def _check_value(path: str, name: str, value: Any, expected: Any) -> Any:

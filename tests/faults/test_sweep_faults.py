@@ -1,0 +1,151 @@
+"""Faults inside a running sweep, on a long-lived Ray cluster (as on a real cluster, where leaks
+would accumulate): one trial's Train worker is SIGKILLed in the middle of task 2, and the MLflow
+server goes away for a while after the first task checkpoint, then comes back on the same port.
+
+The sweep must finish by itself; each trial's results (as logged to MLflow) equal an uninterrupted
+in-process run with the same seeds; one MLflow child run per trial with every metric at every stage
+exactly once; and afterwards no placement group, actor or CPU is held, and `ray stop` leaves no Ray
+process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from orchestrator.train import init_ray
+from tests.faults._helpers import (
+    MODE_CL,
+    RAY,
+    MlflowServer,
+    child_runs,
+    comparable,
+    free_port,
+    ray_processes,
+    ray_temp_dir,
+    wait_until,
+)
+from trainables.config import load_run_config
+from trainables.engine import run_sequence
+
+MICRO_RUN = """
+tasks: [parity, bigsmall]
+base: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, epochs: 1}
+data: {task_train: 48, task_test: 24}
+train: {epochs: 1, batch_size: 16}
+eval: {gen_samples_per_digit: 2}
+method: {name: mode, r: 2, num_experts: 2}
+resources: {cpus_per_worker: 1}
+checkpoint: {every_steps: 1, num_to_keep: 0}
+"""
+KD_WEIGHTS = ("0.1", "0.3")
+STAGE_METRICS = ("acc/parity", "acc/bigsmall", "avg_acc", "forgetting", "bwt", "gen/acc", "gen/fd")
+OUTAGE_SECONDS = 12
+RAY_SINGLETONS = {"_AutoscalingCoordinatorActor"}
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """`ray start --head` with the dashboard (it frees stopped trials' placement groups), a private
+    temp dir, and MODE_CL_FAULT_KILL_AT in its environment so that Train workers inherit it."""
+    temp_dir, port, marker = ray_temp_dir(), free_port(), tmp_path / "worker-killed"
+    env = {**os.environ, "RAY_TMPDIR": str(temp_dir), "MODE_CL_FAULT_KILL_AT": f"1:1:{marker}"}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, check=False)
+    started = subprocess.run(
+        [RAY, "start", "--head", "--port", str(port),
+         "--num-cpus", "2", "--resources", '{"TRAIN_DRIVER": 8}',
+         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--disable-usage-stats"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        yield f"127.0.0.1:{port}", temp_dir, marker
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, check=False)
+
+
+def test_sweep_survives_a_killed_worker_and_an_mlflow_outage_with_nothing_lost(tmp_path, ray_cluster):
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray.util.state import list_actors
+
+    address, temp_dir, marker = ray_cluster
+    (tmp_path / "micro.yaml").write_text(MICRO_RUN)
+    space = tmp_path / "faults.yaml"
+    space.write_text(f"name: faults\nrun_config: micro.yaml\ngrid:\n  method.kd_weight: [{', '.join(KD_WEIGHTS)}]\n")
+    server = MlflowServer(tmp_path / "mlflow")
+    server.start()
+    work_dir, storage = tmp_path / "work", tmp_path / "sweeps"
+    command = [MODE_CL, "sweep", str(space), "--work-dir", str(work_dir), "--storage", str(storage)]
+    command += ["--tracking-uri", server.uri, "--address", address]
+    log_path, sweep = tmp_path / "sweep.log", None
+    try:
+        with log_path.open("w") as log:
+            sweep = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            train_dir = storage / "faults" / "train"
+            first_task = lambda: list(train_dir.glob("train-*/ckpt_t01_s000000/manifest.json"))  # noqa: E731
+            assert wait_until(lambda: first_task() or sweep.poll() is not None, 400), log_path.read_text()[-3000:]
+            assert sweep.poll() is None, log_path.read_text()[-3000:]
+            server.stop()  # the outage: trials go on training and keep trying to log
+            time.sleep(OUTAGE_SECONDS)
+            assert sweep.poll() is None  # nobody gave up during the outage
+            server.start()
+            assert sweep.wait(timeout=900) == 0, log_path.read_text()[-4000:]
+        output = log_path.read_text()
+        assert marker.is_file(), "the worker fault was never injected"
+        assert "resuming from checkpoint" in output  # the killed worker's trial restarted from its checkpoint
+        assert "trials done 2/2" in output
+
+        client = MlflowClient(server.uri)
+        parents, children = child_runs(client, "faults")
+        assert len(parents) == 1 and len(children) == 2  # one child per trial despite the restart
+        by_weight = {child.data.params["method.kd_weight"]: child for child in children}
+        assert sorted(by_weight) == list(KD_WEIGHTS)
+        for weight, child in by_weight.items():
+            assert child.info.status == "FINISHED"
+            for metric in STAGE_METRICS:
+                steps = [m.step for m in client.get_metric_history(child.info.run_id, metric)]
+                assert sorted(steps) == [0, 1, 2], (metric, steps)  # none lost, none duplicated
+            losses = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+            assert sorted(losses) == list(range(6)), losses
+            local = client.download_artifacts(child.info.run_id, "results.json", str(tmp_path / weight))
+            logged = json.loads(open(local).read())  # noqa: SIM115
+            expected = run_sequence(
+                load_run_config(tmp_path / "micro.yaml", [f"method.kd_weight={weight}"]),
+                tmp_path / "reference-work", None, log=lambda _: None,
+            )  # fmt: skip
+            assert comparable(logged) == comparable(expected), weight
+
+        init_ray(address)  # with the cluster's auth token, as `mode-cl sweep --address` does
+        try:
+            from ray.util import placement_group_table
+
+            def released() -> bool:
+                live_groups = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
+                # Ray's cluster-wide autoscaling coordinator (one per cluster, not per trial) stays.
+                alive = [
+                    a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name not in RAY_SINGLETONS
+                ]
+                free = ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+                return not live_groups and not alive and free
+
+            groups = lambda: [(g["name"], g["state"]) for g in placement_group_table().values()]  # noqa: E731
+            actors = lambda: [(a.class_name, a.state) for a in list_actors() if a.state != "DEAD"]  # noqa: E731
+            assert wait_until(released, 60), (
+                groups(),
+                actors(),
+                ray.available_resources().get("CPU"),
+                ray.cluster_resources().get("CPU"),
+            )
+        finally:
+            ray.shutdown()
+    finally:
+        if sweep is not None and sweep.poll() is None:
+            sweep.kill()
+        server.stop()
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, check=False)
+    assert wait_until(lambda: not ray_processes(temp_dir), 30), ray_processes(temp_dir)

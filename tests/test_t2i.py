@@ -1,0 +1,417 @@
+"""Sampled text-to-image evaluation: KV-cache sampling with MoDE routing, Chameleon's VQGAN decoder
+(taming layout, safe loading), CLIP scores and the Fréchet distance, and their wiring into CoIN."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from orchestrator.cli import main
+from trainables.chameleon import ChameleonShape, build_real_layout_chameleon, save_model_dir
+from trainables.clip_scores import (
+    ClipModelError,
+    ClipScorer,
+    fd_clip,
+    gaussian_frechet,
+    image_alignment,
+    text_alignment,
+)
+from trainables.coin_eval import CoinBenchmark
+from trainables.config import ConfigError, load_run_config_dict
+from trainables.metrics import frechet_distance
+from trainables.mode import MoDEConfig, attach_mode, record_routing
+from trainables.mode.routing import image_token_mask
+from trainables.t2i import sample_image_tokens, span_codes
+from trainables.vocab import TokenIds
+from trainables.vqgan import (
+    ImageCodeMap,
+    VQGANConfig,
+    VQGANDecoder,
+    VQGANLoadError,
+    convert_vqgan_checkpoint,
+    load_vqgan_decoder,
+)
+
+SHAPE = ChameleonShape(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+SEPARATOR = "<reserved08706>"
+TOKENS = 16  # small_vq_config(16): 4×4 codes per image
+# 16-pixel images from 4×4 codes, with attention at both coarse resolutions (exercises up.{i}.attn.{j}).
+TINY = VQGANConfig(
+    ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, attn_resolutions=(4, 8), z_channels=32, resolution=16, embed_dim=8
+)
+
+
+class NotATensor:  # pickled into a checkpoint: the safe loader must refuse it
+    def __init__(self) -> None:
+        self.payload = "anything"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = build_real_layout_chameleon(SHAPE, vq_resolution=16, seed=0)
+    ids = TokenIds.from_vocabulary_map(model.config.vocabulary_map, separator=SEPARATOR)
+    return model, tokenizer, ids
+
+
+def _prompts(tokenizer, ids, captions):
+    return [[ids.bos, *tokenizer(c, add_special_tokens=False).input_ids, ids.separator] for c in captions]
+
+
+CAPTIONS = ["photo of a cat.", "a dog", "photo of a red bicycle on grass.", "x"]
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def test_sampling_is_seeded_batch_independent_and_inside_the_codebook(tiny):
+    model, tokenizer, ids = tiny
+    prompts = _prompts(tokenizer, ids, CAPTIONS)
+    batched = sample_image_tokens(model, prompts, ids, TOKENS, seed=42, batch_size=3)
+    alone = [sample_image_tokens(model, [p], ids, TOKENS, seed=42)[0] for p in prompts[:1]]
+    again = sample_image_tokens(model, prompts, ids, TOKENS, seed=42, batch_size=4)
+    assert batched == again  # batch size does not matter
+    assert alone[0] == batched[0]
+    # A prompt's sample depends on its index, not its batch neighbours: prompt 1 alone with index 1.
+    shifted = sample_image_tokens(model, prompts[:2], ids, TOKENS, seed=42, batch_size=1)
+    assert shifted == batched[:2]
+    codes = set(ids.image_codes)
+    for span in batched:
+        assert len(span) == TOKENS + 2 and span[0] == ids.begin_image and span[-1] == ids.end_image
+        assert all(t in codes for t in span[1:-1])
+    other = sample_image_tokens(model, prompts, ids, TOKENS, seed=7, batch_size=4)
+    assert other != batched
+    assert len({tuple(s) for s in batched}) == len(batched)  # sampled, not a constant image
+    top1 = sample_image_tokens(model, prompts[:2], ids, TOKENS, seed=1, top_k=1)
+    assert top1 == sample_image_tokens(model, prompts[:2], ids, TOKENS, seed=2, top_k=1)  # top-1: seed-free
+    with pytest.raises(ValueError, match="temperature"):
+        sample_image_tokens(model, prompts, ids, TOKENS, temperature=0.0)
+
+
+def test_sampling_routes_caption_to_t_moe_and_image_tokens_to_v_adapter(tiny):
+    base, tokenizer, ids = tiny
+    model, _ = build_real_layout_chameleon(SHAPE, vq_resolution=16, seed=0)
+    attach_mode(model, MoDEConfig(r=2, num_experts=2), ids)
+    prompts = _prompts(tokenizer, ids, CAPTIONS[:3])
+    with record_routing(model) as records:
+        spans = sample_image_tokens(model, prompts, ids, TOKENS, seed=42, batch_size=3)
+    # Untrained adapters (B = 0) leave the model equal to the base one: the same samples.
+    assert spans == sample_image_tokens(base, prompts, ids, TOKENS, seed=42, batch_size=3)
+    layers = 3 * SHAPE.num_hidden_layers  # gate/up/down per decoder layer
+    assert len(records) == layers * TOKENS  # one prompt forward + TOKENS − 1 cached single-token forwards
+    width = max(len(p) for p in prompts) + 1
+    first = records[0]["image_mask"]
+    assert first.shape == (3, width)
+    expected = torch.zeros(3, width, dtype=torch.bool)
+    expected[:, -1] = True  # begin-image → V-Adapter; caption, <s>, <sep> and left padding → T-MoE
+    assert torch.equal(first, expected)
+    assert all(torch.equal(r["image_mask"], expected) for r in records[:layers])
+    for record in records[layers:]:
+        assert record["image_mask"].shape == (3, 1) and bool(record["image_mask"].all())
+    # The same routing as the training rule on the full sequence (begin … end-image inclusive).
+    for prompt, span in zip(prompts, spans, strict=True):
+        full, _ = image_token_mask(torch.tensor([prompt + span]), ids.begin_image, ids.end_image)
+        assert full[0].tolist() == [False] * len(prompt) + [True] * len(span)
+    # The V-Adapter acts on the sampled tokens: training it changes the images.
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "mode_image_B"):
+                module.mode_image_B.normal_(0, 5.0)
+    assert sample_image_tokens(model, prompts, ids, TOKENS, seed=42, batch_size=3) != spans
+
+
+# ---------------------------------------------------------------------------------------------- VQGAN
+
+
+def _expected_taming_keys(config: VQGANConfig) -> list[str]:
+    """taming-transformers' VQModel decoder-side keys, enumerated from its Decoder's construction."""
+
+    def pair(name):
+        return [f"{name}.weight", f"{name}.bias"]
+
+    def resnet(name, shortcut):
+        keys = [k for part in ("norm1", "conv1", "norm2", "conv2") for k in pair(f"{name}.{part}")]
+        return keys + (pair(f"{name}.nin_shortcut") if shortcut else [])
+
+    def attn(name):
+        return [k for part in ("norm", "q", "k", "v", "proj_out") for k in pair(f"{name}.{part}")]
+
+    keys = ["quantize.embedding.weight", *pair("post_quant_conv"), *pair("decoder.conv_in")]
+    keys += resnet("decoder.mid.block_1", False) + attn("decoder.mid.attn_1") + resnet("decoder.mid.block_2", False)
+    block_in = config.ch * config.ch_mult[-1]
+    res = config.resolution // 2 ** (len(config.ch_mult) - 1)
+    for level in reversed(range(len(config.ch_mult))):
+        block_out = config.ch * config.ch_mult[level]
+        for j in range(config.num_res_blocks + 1):
+            keys += resnet(f"decoder.up.{level}.block.{j}", block_in != block_out)
+            block_in = block_out
+            if res in config.attn_resolutions:
+                keys += attn(f"decoder.up.{level}.attn.{j}")
+        if level:
+            keys += pair(f"decoder.up.{level}.upsample.conv")
+            res *= 2
+    return keys + pair("decoder.norm_out") + pair("decoder.conv_out")
+
+
+def test_vqgan_keys_match_taming_for_tiny_and_chameleon_configs():
+    tiny = VQGANDecoder(TINY)
+    assert sorted(tiny.state_dict()) == sorted(_expected_taming_keys(TINY))
+    assert any(".attn.1." in k for k in tiny.state_dict())
+    with torch.device("meta"):  # Chameleon's full shape, without allocating it
+        real = VQGANDecoder()
+    state = real.state_dict()
+    assert sorted(state) == sorted(_expected_taming_keys(VQGANConfig()))
+    shapes = {
+        "quantize.embedding.weight": (8192, 256),
+        "post_quant_conv.weight": (256, 256, 1, 1),
+        "decoder.conv_in.weight": (512, 256, 3, 3),
+        "decoder.up.4.block.2.conv2.weight": (512, 512, 3, 3),
+        "decoder.up.3.block.0.nin_shortcut.weight": (256, 512, 1, 1),
+        "decoder.up.1.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+        "decoder.up.1.upsample.conv.weight": (128, 128, 3, 3),
+        "decoder.conv_out.weight": (3, 128, 3, 3),
+    }
+    assert {k: tuple(state[k].shape) for k in shapes} == shapes
+    assert not any(k.startswith("decoder.up.0.upsample") or ".attn.0." in k for k in state)  # attn_resolutions []
+    assert VQGANConfig().tokens_per_image == 1024
+
+
+def test_vqgan_decodes_codes_to_images_in_unit_range():
+    torch.manual_seed(0)
+    decoder = VQGANDecoder(TINY).eval()
+    codes = torch.randint(0, 8192, (3, TINY.tokens_per_image))
+    images = decoder.decode(codes)
+    assert images.shape == (3, 3, 16, 16) and images.dtype == torch.float32
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0 and images.std() > 0
+    assert torch.allclose(decoder.decode(codes[:1]), images[:1], atol=1e-5)  # per-image, up to round-off
+    with pytest.raises(ValueError, match="VQ indices"):
+        decoder.decode(codes + 8192)
+    with pytest.raises(ValueError, match="shape"):
+        decoder.decode(codes[:, :5])
+
+
+def _write_yaml(path: Path, config: VQGANConfig) -> None:
+    ddconfig = {k: v for k, v in config.__dict__.items() if k not in ("embed_dim", "n_embed")}
+    ddconfig |= {"ch_mult": list(config.ch_mult), "attn_resolutions": list(config.attn_resolutions)}
+    ddconfig |= {"double_z": False, "dropout": 0.0}
+    params = {"embed_dim": config.embed_dim, "n_embed": config.n_embed, "ddconfig": ddconfig, "lossconfig": {}}
+    path.write_text(yaml.safe_dump({"model": {"target": "taming.models.vqgan.VQModel", "params": params}}))
+
+
+def test_vqgan_save_load_round_trips_and_refuses_pickled_objects(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    decoder = VQGANDecoder(TINY).eval()
+    codes = torch.randint(0, 8192, (2, TINY.tokens_per_image))
+    reference = decoder.decode(codes)
+    # safetensors + the yaml of the same name next to it
+    save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(tmp_path / "vqgan.safetensors"))
+    _write_yaml(tmp_path / "vqgan.yaml", TINY)
+    assert VQGANConfig.from_yaml(tmp_path / "vqgan.yaml") == TINY
+    assert torch.equal(load_vqgan_decoder(tmp_path / "vqgan.safetensors").decode(codes), reference)
+    # A tensors-only Lightning-style checkpoint (extra encoder / loss tensors ignored) loads safely.
+    extra = {"encoder.conv_in.weight": torch.zeros(2), "loss.discriminator.w": torch.ones(1)}
+    torch.save({"state_dict": {**decoder.state_dict(), **extra}, "epoch": 3}, tmp_path / "vqgan.ckpt")
+    assert torch.equal(load_vqgan_decoder(tmp_path / "vqgan.ckpt").decode(codes), reference)
+    # A pickled non-tensor object is refused, with the conversion command in the message.
+    unsafe = tmp_path / "lightning" / "vqgan.ckpt"
+    unsafe.parent.mkdir()
+    torch.save({"state_dict": decoder.state_dict(), "callbacks": NotATensor()}, unsafe)
+    with pytest.raises(VQGANLoadError, match="convert_vqgan_checkpoint") as error:
+        load_vqgan_decoder(unsafe, TINY)
+    assert "\n" not in str(error.value)
+    converted = convert_vqgan_checkpoint(unsafe, tmp_path / "converted" / "vqgan.safetensors")
+    assert torch.equal(load_vqgan_decoder(converted, TINY).decode(codes), reference)
+    # Wrong shape for the config, missing file: one-line errors.
+    with pytest.raises(VQGANLoadError, match="does not match"):
+        load_vqgan_decoder(converted)  # no yaml next to it → Chameleon's default shape
+    with pytest.raises(VQGANLoadError, match="does not exist"):
+        load_vqgan_decoder(tmp_path / "missing.ckpt")
+
+
+def test_image_code_map_follows_the_vocabulary_map(tiny):
+    model, _, ids = tiny
+    code_map = ImageCodeMap(model.config.vocabulary_map)
+    names = {v: k for k, v in model.config.vocabulary_map.items()}
+    codes = code_map.codes([list(ids.image_codes[:3]), list(ids.image_codes[-3:])])
+    for bpe, code in zip(ids.image_codes[:3] + ids.image_codes[-3:], codes.flatten().tolist(), strict=True):
+        digits = "".join(str(ord(c) - ord("A")) for c in names[bpe][len("IMGIMG") : -1])
+        assert int(digits) == code
+    assert sorted(code_map.codes([list(ids.image_codes)])[0].tolist()) == list(range(8192))
+    with pytest.raises(ValueError, match="not an image codebook id"):
+        code_map.codes([[ids.begin_image]])
+
+
+# ---------------------------------------------------------------------------------------------- CLIP
+
+
+def test_frechet_matches_hand_computed_gaussians():
+    # 1-D: (μ1 − μ2)² + σ1² + σ2² − 2 σ1 σ2
+    assert gaussian_frechet([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx((1 - 3) ** 2 + 4 + 9 - 2 * 2 * 3)
+    # Diagonal 2-D: sum over dimensions of the 1-D formula
+    got = gaussian_frechet([0.0, 1.0], np.diag([1.0, 4.0]), [1.0, 1.0], np.diag([9.0, 1.0]))
+    assert got == pytest.approx((1 + 1 + 9 - 6) + (0 + 4 + 1 - 4))
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(50, 4)), rng.normal(0.5, 2.0, size=(40, 4))
+    assert fd_clip(a, b) == pytest.approx(frechet_distance(a, b), rel=1e-6)
+    assert fd_clip(a, a) == pytest.approx(0.0, abs=1e-8)
+    assert math.isnan(fd_clip(a[:1], b))
+
+
+def test_alignments_are_cosines():
+    images = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    texts = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    assert text_alignment(images, texts) == pytest.approx((1 / math.sqrt(2) + 1.0) / 2)
+    reference = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    # image 0: (1 − 1 + 0)/3; image 1: (0 + 0 + 1)/3
+    assert image_alignment(images, reference) == pytest.approx((0 + 1 / 3) / 2)
+
+
+def _tiny_clip_dir(root: Path) -> Path:
+    """A random CLIPModel with a CLIP tokenizer over byte symbols (no merges) and a PIL image processor."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    symbols = [*alphabet, *(s + "</w>" for s in alphabet), "<|startoftext|>", "<|endoftext|>"]
+    vocab = {s: i for i, s in enumerate(symbols)}
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(vocab_file=str(root / "vocab.json"), merges_file=str(root / "merges.txt"))
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
+    special = {"bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"]}
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, **special)
+    text |= {"num_attention_heads": 2, "max_position_embeddings": 77, "pad_token_id": vocab["<|endoftext|>"]}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    vision |= {"image_size": 32, "patch_size": 8}
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    directory = root / "clip"
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def test_clip_scorer_offline(tmp_path):
+    scorer = ClipScorer(str(_tiny_clip_dir(tmp_path)))
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 16, 16)
+    embeddings = scorer.image_embeddings(images)
+    assert embeddings.shape == (3, 16)
+    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(3), atol=1e-5)
+    texts = scorer.text_embeddings(["photo of a cat.", "a dog", "x" * 300])  # the long one is truncated
+    assert texts.shape == (3, 16)
+    scores = scorer.scores(
+        embeddings, ["photo of a cat.", "a dog", "x"], scorer.image_embeddings(torch.rand(4, 3, 20, 24))
+    )
+    assert set(scores) == {"text_align", "image_align", "fd_clip"}
+    assert all(math.isfinite(v) for v in scores.values()) and -1 <= scores["text_align"] <= 1
+    with pytest.raises(ClipModelError, match="clip_model"):
+        ClipScorer(str(tmp_path / "nowhere"))
+
+
+# ---------------------------------------------------------------------------------------------- CoIN wiring
+
+
+def _coin_data(root: Path, tiny) -> tuple[Path, Path]:
+    model, tokenizer, ids = tiny
+    model_dir = save_model_dir(model, tokenizer, root / "model")
+    sqa = root / "sqa.jsonl"
+    record = {"id": "q", "conversations": [{"from": "human", "value": "Which is warm?\nA. ice\nB. sun"}]}
+    record["conversations"].append({"from": "gpt", "value": "B"})
+    sqa.write_text(json.dumps(record) + "\n")
+    codes = ids.image_codes
+    stream = [
+        {"image_tokens": list(codes[i * 7 : i * 7 + TOKENS]), "caption": f"photo of a thing {i}."} for i in range(8)
+    ]
+    laion = root / "laion.jsonl"
+    laion.write_text("".join(json.dumps(r) + "\n" for r in stream))
+    out = root / "data"
+    common = ["data", "import-coin", "--model", str(model_dir), "--out", str(out)]
+    assert main([*common, "--task", "ScienceQA", "--train", str(sqa), "--test", str(sqa)]) == 0
+    assert main([*common, "--generation", str(laion), "--gen-holdout", "0.5"]) == 0
+    return model_dir, out
+
+
+def _run_config(model_dir: Path, data_dir: Path, **coin):
+    coin = {"model": str(model_dir), "data_dir": str(data_dir), "max_new_tokens": 2, "eval_batch_size": 2, **coin}
+    return load_run_config_dict(
+        {"tasks": ["ScienceQA"], "method": {"name": "mode", "r": 2, "num_experts": 2}, "coin": coin}
+    )
+
+
+def _replace(config, **coin):
+    return load_run_config_dict({**config.to_dict(), "coin": {**config.to_dict()["coin"], **coin}})
+
+
+def test_coin_evaluate_adds_sampled_generation_scores(tmp_path, tiny):
+    model, _, _ = tiny
+    model_dir, data_dir = _coin_data(tmp_path, tiny)
+    torch.manual_seed(2)
+    decoder = VQGANDecoder(TINY)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(tmp_path / "vqgan.safetensors"))
+    _write_yaml(tmp_path / "vqgan.yaml", TINY)
+    clip_dir = _tiny_clip_dir(tmp_path)
+    plain = _run_config(model_dir, data_dir)
+    _, scores = CoinBenchmark(plain, model.config, log=lambda *_: None).evaluate(model, 0)
+    assert set(scores) == {"accuracy", "frechet", "nll"} and math.isnan(scores["frechet"])
+
+    config = _run_config(model_dir, data_dir, vqgan=str(tmp_path / "vqgan.safetensors"), clip_model=str(clip_dir))
+    config = _replace(config, t2i_prompts=3)
+    bench = CoinBenchmark(config, model.config, log=lambda *_: None)
+    _, scores = bench.evaluate(model, 0)
+    assert {"accuracy", "nll", "frechet", "text_align", "image_align", "fd_clip"} == set(scores)
+    assert all(math.isfinite(scores[k]) for k in ("text_align", "image_align", "fd_clip"))
+    assert scores["frechet"] == scores["fd_clip"]
+    assert len(bench._t2i["reference"]) == 4  # the 4 held-out images, reconstructed by the VQGAN
+    _, again = bench.evaluate(model, 1)
+    assert again == scores  # seeded sampling: the same model scores the same
+    # Sampled spans decode: the prompts are the held-out captions' `<s> caption <sep>` prefixes.
+    rows, starts = bench._generation_columns("input_ids", "answer_start")
+    spans = sample_image_tokens(model, [rows[0][: starts[0]]], bench.ids, TOKENS)
+    images = bench._t2i["decoder"].decode(bench._t2i["code_map"].codes(span_codes(spans, bench.ids, TOKENS)))
+    assert images.shape == (1, 3, 16, 16)
+    # Reference images from a directory instead.
+    from PIL import Image
+
+    references = tmp_path / "refs"
+    references.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 60 * i, np.uint8)).save(references / f"{i}.png")
+    with_refs = _replace(config, reference_images=str(references))
+    bench = CoinBenchmark(with_refs, model.config, log=lambda *_: None)
+    _, scores = bench.evaluate(model, 0)
+    assert len(bench._t2i["reference"]) == 3 and math.isfinite(scores["image_align"])
+
+
+def test_t2i_config_validation_and_hash(tmp_path):
+    base = {"model": "m", "data_dir": str(tmp_path)}
+    plain = _run_config(Path("m"), tmp_path)
+    assert "vqgan" not in plain.to_dict()["coin"]  # off: earlier CoIN configs keep their hash
+    on = _run_config(Path("m"), tmp_path, vqgan="v.ckpt", clip_model="openai/clip-vit-base-patch32")
+    assert on.to_dict()["coin"]["t2i_prompts"] == 101 and on.config_hash() != plain.config_hash()
+    assert load_run_config_dict(on.to_dict()).config_hash() == on.config_hash()
+    bad = [
+        ({"vqgan": "v.ckpt"}, "clip_model is not set"),
+        ({"clip_model": "c"}, "vqgan is not set"),
+        ({"reference_images": "refs"}, "reference_images"),
+        ({"vqgan": "v", "clip_model": "c", "t2i_temperature": 0}, "t2i_temperature"),
+        ({"vqgan": "v", "clip_model": "c", "t2i_top_k": 0}, "t2i_top_k"),
+        ({"vqgan": "v", "clip_model": "c", "t2i_prompts": 0}, "t2i_prompts"),
+    ]
+    for overrides, message in bad:
+        with pytest.raises(ConfigError, match=message) as error:
+            load_run_config_dict({"tasks": ["A"], "coin": {**base, **overrides}})
+        assert "\n" not in str(error.value)
