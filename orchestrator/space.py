@@ -225,6 +225,16 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
         if key not in ("type", "grace_period", "reduction_factor"):
             _unknown("scheduler.", key, ["type", "grace_period", "reduction_factor"])
 
+    if scheduler.get("type") == "asha" and (metric.startswith("gen_") or metric == "inter_modal_forgetting"):
+        # ASHA compares trials on the objective after every task: it must exist at every stage.
+        for index, trial in enumerate(trials):
+            if load_run_config_dict_from(base, {**fixed, **trial}).eval.generation != "every_stage":
+                _fail(
+                    "scheduler.type",
+                    f"asha ranks trials by {metric} after every task, but trial {index} scores generation "
+                    "only at the base and final stages (eval.generation: base_and_final); use every_stage or fifo",
+                )
+
     search = (data.get("search") or {"type": "grid"}).get("type", "grid")
     if search not in ("grid", "random", "optuna"):
         _fail("search.type", f"expected grid, random or optuna, got {search!r}")

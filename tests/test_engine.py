@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -148,3 +149,22 @@ def test_cached_teacher_runs_like_the_live_teacher_and_is_shared_between_runs(wo
     again = run_sequence(load_run_config(None, [*MICRO, "seed=1"]), work_dir, tmp_path / "again", log=messages.append)
     assert any("teacher cache" in m and ": read" in m for m in messages)
     assert again["profile"]["seconds"]["teacher_cache"] < cached["profile"]["seconds"]["total"]
+
+
+def test_lighter_evaluation_schedule_skips_cells_but_not_the_metrics(tmp_path):
+    """eval.tasks=learned_and_next and eval.generation=base_and_final evaluate less, and every
+    continual-learning metric equals the full schedule's (none of them reads a skipped cell)."""
+    three = [*MICRO_RUN, "tasks=[parity, bigsmall, next]"]
+    full = run_sequence(load_run_config(None, three), tmp_path / "work", None, log=lambda _: None)
+    light_config = load_run_config(None, [*three, "eval.tasks=learned_and_next", "eval.generation=base_and_final"])
+    light = run_sequence(light_config, tmp_path / "work", None, log=lambda _: None)
+    assert light_config.config_hash() != load_run_config(None, three).config_hash()
+    assert math.isnan(light["acc_matrix"][1][2])  # after task 1: task 3 is neither learned nor next
+    cells = [(i, j) for i in range(4) for j in range(3) if (i, j) != (1, 2)]
+    assert all(light["acc_matrix"][i][j] == full["acc_matrix"][i][j] for i, j in cells)
+    assert [math.isnan(v) for v in light["gen_acc"]] == [False, True, True, False]
+    assert light["gen_acc"][0] == full["gen_acc"][0] and light["gen_acc"][-1] == full["gen_acc"][-1]
+    for key in ("avg_acc", "forgetting", "bwt", "fwt", "inter_modal_forgetting"):
+        assert light[key] == full[key], key
+    assert light["losses"] == full["losses"]  # skipping evaluation leaves training untouched
+    assert light["profile"]["seconds"]["evaluate"] < full["profile"]["seconds"]["evaluate"]

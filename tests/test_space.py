@@ -71,6 +71,9 @@ def test_permutations_are_seeded_and_valid(tmp_path):
         (("run_config: {run}", "run_config: [a]"), r"^run_config: expected the path"),
         (("{orders: [[next, parity], [parity, next]]}", "{all_orders_of: 3}"), r"^grid\.tasks\.all_orders_of"),
         (("method.r: [4, 8]", "method.r: {loguniform: [4, 16]}"), r"method\.r takes integers"),
+        (("seeds: [0, 1]", "seeds: [0]\nfixed: {eval.generation: base_and_final}"
+          "\nobjective: {metric: gen_fd, mode: min}\nscheduler: {type: asha}"),
+         r"^scheduler\.type: asha ranks trials by gen_fd after every task"),
         (("extra_trials: [{method.name: seq_lora}]", "extra_trials: [{method.name: seqlora}]"),
          r"^extra_trials\[0\]\.method\.name: .*did you mean 'seq_lora'"),
     ],

@@ -30,6 +30,7 @@ only), so pixels need Meta's separate VQGAN checkpoint.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -304,10 +305,17 @@ class CoinBenchmark:
         generated = self._embed_codes(parts, span_codes(spans, self.ids, self.tokens_per_image))
         return parts["scorer"].scores(generated, [captions[i] for i in chosen], parts["reference"])
 
-    def evaluate(self, model: nn.Module, stage: int) -> tuple[list[float], dict[str, float]]:
+    def evaluate(
+        self, model: nn.Module, stage: int, tasks: Sequence[int] | None = None, generation: bool = True
+    ) -> tuple[list[float], dict[str, float]]:
+        """Answer accuracy for the tasks in ``tasks`` (all when None; NaN for the others) and, if
+        ``generation``, the generation scores (else NaN)."""
         model.eval()
-        row = [self.accuracy(model, task) for task in self.config.tasks]
+        wanted = range(len(self.config.tasks)) if tasks is None else tasks
+        row = [self.accuracy(model, task) if i in wanted else math.nan for i, task in enumerate(self.config.tasks)]
         nll, top1 = math.nan, math.nan
+        if not generation:
+            return row, {"accuracy": top1, "frechet": math.nan, "nll": nll}
         if self.test_generation is not None:
             nll, top1 = image_token_scores(model, self.test_generation, self.ids, self.coin.eval_batch_size)
         scores = {"accuracy": top1, "frechet": math.nan, "nll": nll}

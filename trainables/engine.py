@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,18 @@ class DigitsBenchmark:
     def train_set(self, task: str) -> SampleSet:
         return SampleSet.from_table(read_tasks(self.task_file, [task], "train"), self.ids.pad)
 
-    def evaluate(self, model: torch.nn.Module, stage: int) -> tuple[list[float], dict[str, float]]:
+    def evaluate(
+        self, model: torch.nn.Module, stage: int, tasks: Sequence[int], generation: bool = True
+    ) -> tuple[list[float], dict[str, float]]:
+        """Accuracy on each task in ``tasks`` (NaN for the others) and, if ``generation``, the
+        generation scores (else NaN)."""
         model.eval()
-        row = [answer_accuracy(model, *self.tests[task], self.builder) for task in self.config.tasks]
+        row = [
+            answer_accuracy(model, *self.tests[task], self.builder) if index in tasks else math.nan
+            for index, task in enumerate(self.config.tasks)
+        ]
+        if not generation:
+            return row, {"accuracy": math.nan, "frechet": math.nan, "nll": math.nan}
         scores = generation_scores(
             model,
             self.builder,
@@ -230,6 +240,16 @@ class PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
 
 
+def evaluate_stage(bench, model: torch.nn.Module, config: RunConfig, stage: int, dist: Distributed):
+    """One stage's accuracy row and generation scores, on the schedule ``config.eval`` asks for.
+    A benchmark whose ``evaluate`` takes ``dist`` (``SHARDED_EVAL``) is called on every rank and
+    shares the work; otherwise rank 0 evaluates and broadcasts."""
+    tasks, generation = config.eval.stage_plan(stage, len(config.tasks))
+    if getattr(bench, "SHARDED_EVAL", False):
+        return bench.evaluate(model, stage, tasks, generation, dist=dist)
+    return dist.from_rank0(bench.evaluate(model, stage, tasks, generation) if dist.rank == 0 else None)
+
+
 def _metrics_so_far(config: RunConfig, progress: Progress) -> dict[str, Any]:
     done = progress.next_task
     if done == 0:  # the base model: objective-style numbers exist already, forgetting does not
@@ -318,7 +338,7 @@ def run_sequence(
     announce_resume = restored is not None  # the resume benchmark times until this first new step
     if not progress.acc_matrix:
         with timer("evaluate"):
-            row, scores = dist.from_rank0(bench.evaluate(model, 0) if dist.rank == 0 else None)
+            row, scores = evaluate_stage(bench, model, config, 0, dist)
         progress.acc_matrix.append(row)
         progress.generation.append(scores)
         log(f"stage 0 (base): acc {_fmt(row)}  gen acc {scores['accuracy']:.3f}  gen FD {scores['frechet']:.2f}")
@@ -377,7 +397,7 @@ def run_sequence(
             if every > 0 and progress.step % every == 0 and progress.step < total_steps:
                 save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
         with timer("evaluate"):
-            row, scores = dist.from_rank0(bench.evaluate(model, task_index + 1) if dist.rank == 0 else None)
+            row, scores = evaluate_stage(bench, model, config, task_index + 1, dist)
         progress.acc_matrix.append(row)
         progress.generation.append(scores)
         progress.task_log.append({"task": task_index, "event": "end", "step": progress.step})

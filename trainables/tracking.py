@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import tempfile
@@ -87,7 +88,9 @@ class TrialTracker:
 
         batch = []
         for key, value in values.items():
-            if value is None or step <= self._last_step(key):
+            # None: undefined (e.g. FWT before a second task); NaN: not evaluated at this stage
+            # (eval.tasks / eval.generation schedules) — neither is a measurement.
+            if value is None or math.isnan(value) or step <= self._last_step(key):
                 continue
             batch.append(Metric(key, float(value), 0, step))
             self._logged[key] = step
@@ -116,6 +119,9 @@ class TrialTracker:
         generation = progress.generation[done]
         stage |= {metric_key("gen", "acc"): generation["accuracy"], metric_key("gen", "fd"): generation["frechet"]}
         stage[metric_key("gen", "nll")] = generation["nll"]
+        for name in ("text_align", "image_align"):  # CoIN with sampled text-to-image scoring
+            if name in generation:
+                stage[metric_key("gen", name)] = generation[name]
         stage["avg_acc"] = metrics.get("avg_acc")
         stage["fwt"] = metrics.get("fwt")  # undefined before the second task: not logged
         # Nothing can have been forgotten before a second task (or, for generation, at the base
