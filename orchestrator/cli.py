@@ -217,21 +217,32 @@ def _storage(args: argparse.Namespace) -> str:
     return args.storage or str((Path(args.work_dir) / "sweeps").resolve())
 
 
-def _with_tracking(args: argparse.Namespace, body) -> int:
-    """Run ``body(tracking_uri, console)`` with the embedded MLflow server unless one is configured;
-    Ray starts while the server boots."""
+def _with_tracking(args: argparse.Namespace, body, prepare=None, on_ready=None) -> int:
+    """Run ``body(tracking_uri, console)`` with the embedded MLflow server unless one is configured.
+    Ray starts, then ``prepare(tracking_uri, console)`` runs (work that needs Ray but not yet the
+    server), while the server boots. With ``on_ready(tracking_uri)``, ``body`` does not wait for
+    the server: ``on_ready`` is called once it answers (directly, for a configured server)."""
     from orchestrator.mlflow_server import resolve_tracking_uri, tracking_server
     from orchestrator.report import wide_console
     from orchestrator.train import init_ray
 
     console = wide_console()
     uri = resolve_tracking_uri(args.tracking_uri)
-    if args.no_tracking:
-        return body(None, console)
-    if uri:
+
+    def start(tracking_uri: str | None) -> None:
+        init_ray(args.address)
+        if prepare is not None:
+            prepare(tracking_uri, console)
+
+    if args.no_tracking or uri:
+        uri = None if args.no_tracking else uri
+        if prepare is not None:
+            start(uri)
+        if on_ready is not None and uri:
+            on_ready(uri)
         return body(uri, console)
-    start_ray = lambda: init_ray(args.address)  # noqa: E731
-    with tracking_server(Path(args.work_dir) / "mlflow", log=console.print, while_starting=start_ray) as local_uri:
+    store = Path(args.work_dir) / "mlflow"
+    with tracking_server(store, log=console.print, while_starting=start, on_ready=on_ready) as local_uri:
         return body(local_uri, console)
 
 
@@ -268,7 +279,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     from orchestrator.report import print_trials
-    from orchestrator.sweep import check_resumable, resume_sweep
+    from orchestrator.sweep import check_resumable, reopen_parent_run, restore_sweep, resume_sweep
 
     if args.cluster:
         from orchestrator.cluster import resume_on_cluster
@@ -279,15 +290,23 @@ def _resume(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(str(error)) from None
 
-    def body(uri, console):
+    restored = {}
+
+    def prepare(uri, console):  # Tune's restore of the experiment state, while MLflow boots
         try:
-            rows = resume_sweep(args.sweep, _storage(args), uri, args.address, console.print)
+            restored["sweep"] = restore_sweep(args.sweep, _storage(args), uri, console.print)
         except ValueError as error:
             raise UsageError(str(error)) from None
+
+    def body(uri, console):
+        rows = resume_sweep(restored["sweep"], uri, args.address, console.print, reopen_parent=False)
         print_trials(rows, "avg_acc", console)
         return 0
 
-    return _with_tracking(args, body)
+    def on_ready(uri):  # the parent run goes back to RUNNING once the server answers
+        reopen_parent_run(restored["sweep"], uri)
+
+    return _with_tracking(args, body, prepare, on_ready)
 
 
 def _report(args: argparse.Namespace) -> int:

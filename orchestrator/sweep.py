@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -355,10 +356,16 @@ def _parent_status_on_failure(tracking: dict[str, Any] | None) -> Iterator[None]
         raise
 
 
-def resume_sweep(name_or_path: str, storage: str, tracking_uri: str | None, address: str | None, log: Log):
+@dataclass
+class RestoredSweep:
+    directory: Path
+    tracking: dict[str, Any] | None
+    tuner: Any  # ray.tune.Tuner restored from the sweep's experiment state
 
-    from orchestrator.train import init_ray
 
+def restore_sweep(name_or_path: str, storage: str, tracking_uri: str | None, log: Log) -> RestoredSweep:
+    """Tune's restore of an interrupted sweep (Ray must be up). Does not touch the tracking
+    server, so it can run while the server starts."""
     directory = check_resumable(name_or_path, storage)
     record = json.loads((directory / SWEEP_FILE).read_text())
     space = load_space(record["space"])
@@ -368,14 +375,40 @@ def resume_sweep(name_or_path: str, storage: str, tracking_uri: str | None, addr
         tracking["parent_run_id"] = record["parent_run_id"]
     log(f"resuming sweep {space.name} from {directory}")
     context = _context(space, Path(record["work_dir"]), record["storage"], tracking)
-    with _parent_status_on_failure(tracking):
-        if tracking:
-            from mlflow.tracking import MlflowClient
+    tuner = _tuner(space, context, record["storage"], log, restore_path=str(directory))
+    return RestoredSweep(directory, tracking, tuner)
 
-            MlflowClient(tracking_uri).update_run(tracking["parent_run_id"], status="RUNNING")
+
+def reopen_parent_run(sweep: RestoredSweep, tracking_uri: str | None) -> None:
+    """The sweep's parent run (FAILED/KILLED when its driver died) is RUNNING again."""
+    if sweep.tracking and tracking_uri:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri).update_run(sweep.tracking["parent_run_id"], status="RUNNING")
+
+
+def resume_sweep(
+    sweep: str | RestoredSweep,
+    tracking_uri: str | None,
+    address: str | None,
+    log: Log,
+    storage: str | None = None,
+    reopen_parent: bool = True,
+) -> list[dict[str, Any]]:
+    """Finish an interrupted sweep: trials that were done stay done, the others go on from their
+    newest checkpoint, logging into their existing MLflow child runs. ``sweep`` is its name or
+    path (then ``storage`` is where to look) or what :func:`restore_sweep` returned;
+    ``reopen_parent=False`` when the caller sets the parent run RUNNING itself."""
+    from orchestrator.train import init_ray
+
+    if not isinstance(sweep, RestoredSweep):
         init_ray(address)
-        _tuner(space, context, record["storage"], log, restore_path=str(directory)).fit()
-    return finish_sweep(directory, tracking_uri, log)
+        sweep = restore_sweep(sweep, storage or "", tracking_uri, log)
+    with _parent_status_on_failure(sweep.tracking):
+        if reopen_parent:
+            reopen_parent_run(sweep, tracking_uri)
+        sweep.tuner.fit()
+    return finish_sweep(sweep.directory, tracking_uri, log)
 
 
 def trial_table(directory: Path) -> list[dict[str, Any]]:
