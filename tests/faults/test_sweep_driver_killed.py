@@ -1,0 +1,97 @@
+"""The sweep driver (`mode-cl sweep`, its whole process group, the local Ray it started included)
+is SIGKILLed after a first task checkpoint. `mode-cl resume` first refuses a space edited since,
+with the diff, then finishes the sweep: one MLflow child run per trial (reopened, not duplicated),
+every metric at every stage exactly once, no task trained twice, each trial's results equal to an
+uninterrupted run's, and no Ray process left of either attempt. Both attempts use the embedded
+MLflow server, whose start the resume overlaps with Ray's and Tune's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+from tests.faults._helpers import (
+    MODE_CL,
+    RAY,
+    MlflowServer,
+    child_runs,
+    comparable,
+    ray_processes,
+    ray_temp_dir,
+    wait_until,
+)
+from tests.faults.test_sweep_faults import KD_WEIGHTS, MICRO_RUN, STAGE_METRICS
+from trainables.config import load_run_config
+from trainables.engine import run_sequence
+
+
+def test_killed_sweep_driver_resumes_to_the_uninterrupted_results(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "micro.yaml").write_text(MICRO_RUN)
+    space = tmp_path / "killed.yaml"
+    space.write_text(f"name: killed\nrun_config: micro.yaml\ngrid:\n  method.kd_weight: [{', '.join(KD_WEIGHTS)}]\n")
+    temp_dir = ray_temp_dir()  # the local Ray of each attempt lives under it
+    env = {**os.environ, "RAY_TMPDIR": str(temp_dir)}
+    env.pop("RAY_ADDRESS", None)
+    # Both attempts use the embedded MLflow server (work/mlflow), as a laptop user would; the
+    # resume starts Tune before that server answers (see orchestrator/mlflow_server.py).
+    server = MlflowServer(tmp_path / "work" / "mlflow")  # started afterwards, to inspect the store
+    common = ["--work-dir", str(tmp_path / "work"), "--storage", str(tmp_path / "sweeps")]
+    try:
+        with (tmp_path / "first.log").open("w") as log:
+            first = subprocess.Popen(
+                [MODE_CL, "sweep", str(space), *common],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+            )  # fmt: skip
+        train_dir = tmp_path / "sweeps" / "killed" / "train"
+        first_task = lambda: list(train_dir.glob("train-*/ckpt_t01_s000000/manifest.json"))  # noqa: E731
+        assert wait_until(lambda: first_task() or first.poll() is not None, 400), "no first-task checkpoint"
+        assert first_task(), (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, check=False)
+
+        original = space.read_text()  # a space edited since the start is refused, with what changed
+        space.write_text(original.replace(", ".join(KD_WEIGHTS), "0.1, 0.5"))
+        changed = subprocess.run(
+            [MODE_CL, "resume", "killed", *common], capture_output=True, text=True, timeout=300, env=env
+        )
+        assert changed.returncode == 2 and "changed since sweep 'killed' started" in changed.stderr, changed.stderr
+        assert "0.3 → 0.5" in changed.stderr and len(changed.stderr.strip().splitlines()) == 1
+        space.write_text(original)
+        result = subprocess.run(
+            [MODE_CL, "resume", "killed", *common], capture_output=True, text=True, timeout=600, env=env
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+        server.start()
+        client = MlflowClient(server.uri)
+        parents, children = child_runs(client, "killed")
+        assert len(parents) == 1 and len(children) == 2  # one child per trial, reopened on resume
+        assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
+        for child in children:
+            assert child.info.status == "FINISHED"
+            for metric in STAGE_METRICS:
+                steps = [m.step for m in client.get_metric_history(child.info.run_id, metric)]
+                assert sorted(steps) == [0, 1, 2], (metric, steps)  # none lost, none duplicated
+            losses = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+            assert sorted(losses) == list(range(6)), losses
+            weight = child.data.params["method.kd_weight"]
+            local = client.download_artifacts(child.info.run_id, "results.json", str(tmp_path / weight))
+            with open(local) as file:
+                logged = json.load(file)
+            starts = [e["task"] for e in logged["task_log"] if e["event"] == "start"]
+            ends = [e["task"] for e in logged["task_log"] if e["event"] == "end"]
+            assert starts == ends == [0, 1]  # no task trained twice
+            expected = run_sequence(
+                load_run_config(tmp_path / "micro.yaml", [f"method.kd_weight={weight}"]),
+                tmp_path / "reference-work", None, log=lambda _: None,
+            )  # fmt: skip
+            assert comparable(logged) == comparable(expected), weight
+    finally:
+        server.stop()
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, check=False)
+    assert wait_until(lambda: not ray_processes(temp_dir), 30), ray_processes(temp_dir)
