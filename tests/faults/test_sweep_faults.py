@@ -4,8 +4,10 @@ server goes away for a while after the first task checkpoint, then comes back on
 
 The sweep must finish by itself; each trial's results (as logged to MLflow) equal an uninterrupted
 in-process run with the same seeds; one MLflow child run per trial with every metric at every stage
-exactly once; and afterwards no placement group, actor or CPU is held, and `ray stop` leaves no Ray
-process behind."""
+exactly once; everything a clean sweep records (artifacts, logged checkpoints that load, the best
+trial's registered model, the parent's summary, `report --format json` agreeing with MLflow); and
+afterwards no placement group, actor or CPU is held, and `ray stop` leaves no Ray process behind.
+(This is also the suite's end-to-end sweep test: the faults change nothing a user can see.)"""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +33,8 @@ from tests.faults._helpers import (
 )
 from trainables.config import load_run_config
 from trainables.engine import run_sequence
+from trainables.mode import MoDEConfig, attach_mode, load_mode
+from trainables.tiny import TinyChameleonConfig, build_tiny_chameleon
 
 MICRO_RUN = """
 tasks: [parity, bigsmall]
@@ -119,6 +124,38 @@ def test_sweep_survives_a_killed_worker_and_an_mlflow_outage_with_nothing_lost(t
                 tmp_path / "reference-work", None, log=lambda _: None,
             )  # fmt: skip
             assert comparable(logged) == comparable(expected), weight
+
+        # Everything a clean sweep records is there too.
+        assert all(c.data.params["task_order"] == "parity > bigsmall" for c in children)
+        for child in children:
+            artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+            assert {"acc_matrix.csv", "acc_matrix.parquet", "acc_matrix.png", "forgetting_curves.png"} <= artifacts
+            logged_checkpoints = {a.path for a in client.list_artifacts(child.info.run_id, "checkpoints")}
+            assert {"checkpoints/task_01", "checkpoints/task_02"} <= logged_checkpoints
+            assert child.data.tags["ray_checkpoint"].endswith("ckpt_t02_s000000")
+        best = client.get_run(parents[0].info.run_id).data.tags["best_trial_id"]
+        version = client.search_model_versions("name = 'faults-best'")[0]
+        assert version.run_id == next(c.info.run_id for c in children if c.data.tags["trial_id"] == best)
+        assert version.source.endswith("checkpoints/task_02")
+        parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+        assert {"trials.parquet", "trials.csv", "pareto.png", "faults.yaml"} <= parent_artifacts
+        # a logged task checkpoint loads into a freshly attached model
+        local = client.download_artifacts(children[0].info.run_id, "checkpoints/task_02", str(tmp_path / "download"))
+        base_dir = next((work_dir / "base").iterdir())
+        vocabulary = json.loads((base_dir / "config.json").read_text())["vocabulary_map"]
+        model = build_tiny_chameleon(vocabulary, TinyChameleonConfig(32, 64, 1, 4))
+        load_mode(attach_mode(model, MoDEConfig(r=2, num_experts=2)), Path(local) / "adapter")
+        report = subprocess.run(
+            [MODE_CL, "report", "faults", "--format", "json", "--storage", str(storage)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        rows = json.loads(report.stdout)
+        assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows)
+        by_trial = {c.data.tags["trial_id"]: c for c in children}
+        for row in rows:
+            child = client.get_run(by_trial[row["trial_id"]].info.run_id)
+            assert row["avg_acc"] == pytest.approx(child.data.metrics["avg_acc"])
+            assert row["gen_acc"] == pytest.approx(child.data.metrics["gen/acc"])
 
         init_ray(address)  # with the cluster's auth token, as `mode-cl sweep --address` does
         try:
