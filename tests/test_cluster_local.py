@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_sweep_e2e import MICRO_RUN
+from tests.faults.test_sweep_faults import MICRO_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
