@@ -7,7 +7,9 @@ it gives blank images.
 
 Determinism: each prompt draws from its own ``torch.Generator`` seeded from ``(seed, prompt
 index)``, so a prompt's image does not depend on the batch it is in or on the batch size (up to
-float round-off of batched matmuls, as :func:`trainables.coin_eval.greedy_decode`).
+float round-off of batched matmuls, as :func:`trainables.coin_eval.greedy_decode`). A caller that
+samples only a share of the prompts (one rank of a sharded evaluation) passes their ``indices`` in
+the full list, so each image is the one the single-process run samples.
 
 Routing with MoDE attached: the decoder's pre-hook derives the image mask from ``input_ids`` on
 every forward and carries the "inside an image span" flag across cached forwards
@@ -18,6 +20,8 @@ the whole sequence, caption included, to the V-Adapter in T2I mode.)
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -60,16 +64,22 @@ def sample_image_tokens(
     top_k: int | None = None,
     seed: int = 42,
     batch_size: int = 8,
+    indices: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Sample one image per prompt: returns ``[begin-image, code BPE id × tokens_per_image, end-image]``
     for each prompt (BPE ids of the language model; map them to VQ indices with
-    :class:`trainables.vqgan.ImageCodeMap`). Prompts are left-padded with explicit positions."""
+    :class:`trainables.vqgan.ImageCodeMap`). Prompts are left-padded with explicit positions.
+    ``indices``: each prompt's index in the full prompt list, which seeds its generator (default:
+    its position in ``prompts``)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (sampling; greedy gives blank images), got {temperature}")
     if top_k is not None and top_k <= 0:
         raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
     if tokens_per_image <= 0:
         raise ValueError(f"tokens_per_image must be positive, got {tokens_per_image}")
+    indices = list(range(len(prompts))) if indices is None else [int(i) for i in indices]
+    if len(indices) != len(prompts):
+        raise ValueError(f"{len(indices)} indices for {len(prompts)} prompts")
     lm = unwrap(model)
     device = next(model.parameters()).device
     blocked = ~ids.codebook_mask(device)
@@ -78,8 +88,8 @@ def sample_image_tokens(
     for start in range(0, len(prompts), batch_size):
         batch = [[*prompt, ids.begin_image] for prompt in prompts[start : start + batch_size]]
         generators = [
-            torch.Generator(device=device).manual_seed(prompt_seed(seed, start + offset))
-            for offset in range(len(batch))
+            torch.Generator(device=device).manual_seed(prompt_seed(seed, index))
+            for index in indices[start : start + batch_size]
         ]
         input_ids, mask = (t.to(device) for t in left_pad(batch, ids.pad))
         positions = (mask.cumsum(1) - 1).clamp_min(0)
