@@ -25,6 +25,17 @@ References are the images in ``coin.reference_images``, or else the VQGAN recons
 held-out generation images' own tokens. ``frechet`` is ``fd_clip`` when these scores are on, and
 NaN otherwise: transformers' ``ChameleonVQVAE`` has no decoder (the HF checkpoints hold the encoder
 only), so pixels need Meta's separate VQGAN checkpoint.
+
+Sharded evaluation (``SHARDED_EVAL``): with ``resources.num_workers > 1`` the engine calls
+``evaluate(..., dist=Distributed())`` on every rank, and each rank does an interleaved share
+(``dist.shard``) of every part: the greedy answers of each task's test prompts (per-sample hits
+gathered in order), the teacher-forced image-token scores (``(nll_sum, correct, count)`` gathered),
+the sampled images (each prompt's generator seeded by its *global* index, so the images are the
+single-process ones) and the VQGAN reference reconstructions (CLIP embeddings gathered, so the
+alignments and ``fd_clip`` use the full sets). Sums are taken in rank order on every rank and every
+rank returns rank 0's copy, so all ranks agree; the results equal the single-process ones up to
+float round-off of different batch compositions (greedy decoding and sampling are left-padded with
+explicit positions, so a prompt's tokens do not depend on its batch).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +68,44 @@ from trainables.vocab import TokenIds
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _shard(dist, count: int) -> list[int]:
+    """This rank's share of ``range(count)`` (all of it without ``dist``)."""
+    indices = list(range(count))
+    return indices if dist is None else dist.shard(indices)
+
+
+def _gather(dist, value: Any) -> list[Any]:
+    """``value`` from every rank, in rank order (``[value]`` without a process group)."""
+    if dist is None or dist.world == 1:
+        return [value]
+    out: list[Any] = [None] * dist.world
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def _in_order(dist, count: int, indices: list[int], values: list) -> list:
+    """The full list of ``count`` values from every rank's ``(indices, values)`` share."""
+    if dist is None or dist.world == 1:
+        return list(values)
+    full: list = [None] * count
+    for shard, part in _gather(dist, (indices, list(values))):
+        for index, value in zip(shard, part, strict=True):
+            full[index] = value
+    return full
+
+
+def _rows_in_order(dist, count: int, indices: list[int], rows: torch.Tensor) -> torch.Tensor:
+    """The ``[count, D]`` CPU tensor whose rows ``indices`` each rank holds as ``rows``."""
+    if dist is None or dist.world == 1:
+        return rows
+    parts = _gather(dist, (indices, rows.detach().cpu()))
+    full = parts[0][1].new_empty((count, parts[0][1].shape[1]))
+    for shard, part in parts:
+        if shard:
+            full[torch.tensor(shard, dtype=torch.long)] = part
+    return full
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +160,12 @@ def greedy_decode(
 
 
 @torch.no_grad()
-def image_token_scores(model: nn.Module, samples: SampleSet, ids: TokenIds, batch_size: int = 4) -> tuple[float, float]:
-    """(mean NLL, top-1 accuracy) of the image-span tokens of generation sequences, each predicted
-    over the image vocabulary only (codebook + begin/end-image). Logits are computed for those
-    8,194 ids alone, which keeps 2,048-token sequences cheap on a 65,536-id model."""
+def image_token_sums(
+    model: nn.Module, samples: SampleSet, ids: TokenIds, batch_size: int = 4, indices: Sequence[int] | None = None
+) -> tuple[float, int, int]:
+    """(NLL sum, correct, count) over the image-span tokens of the samples ``indices`` (all by
+    default); see :func:`image_token_scores`."""
+    indices = list(range(len(samples))) if indices is None else list(indices)
     lm = unwrap(model)
     device = _device(model)
     vocab_ids = ids.image_vocab_mask(device).nonzero().squeeze(-1)
@@ -121,8 +173,8 @@ def image_token_scores(model: nn.Module, samples: SampleSet, ids: TokenIds, batc
     column_of[vocab_ids] = torch.arange(len(vocab_ids), device=device)
     weight = lm.lm_head.weight[vocab_ids]
     total_nll, correct, count = 0.0, 0, 0
-    for start in range(0, len(samples), batch_size):
-        batch = samples.batch(range(start, min(start + batch_size, len(samples))))
+    for start in range(0, len(indices), batch_size):
+        batch = samples.batch(indices[start : start + batch_size])
         input_ids, attention = batch.input_ids.to(device), batch.attention_mask.to(device)
         hidden = lm.model(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
         logits = F.linear(hidden[:, :-1], weight).float()
@@ -132,13 +184,33 @@ def image_token_scores(model: nn.Module, samples: SampleSet, ids: TokenIds, batc
         total_nll += float(F.cross_entropy(logits[labelled], targets[labelled], reduction="sum"))
         correct += int((logits[labelled].argmax(-1) == targets[labelled]).sum())
         count += int(labelled.sum())
+    return total_nll, correct, count
+
+
+def image_token_scores(
+    model: nn.Module, samples: SampleSet, ids: TokenIds, batch_size: int = 4, dist=None
+) -> tuple[float, float]:
+    """(mean NLL, top-1 accuracy) of the image-span tokens of generation sequences, each predicted
+    over the image vocabulary only (codebook + begin/end-image). Logits are computed for those
+    8,194 ids alone, which keeps 2,048-token sequences cheap on a 65,536-id model. With ``dist``,
+    each rank scores its shard of the samples and the sums are gathered (added in rank order)."""
+    parts = _gather(dist, image_token_sums(model, samples, ids, batch_size, _shard(dist, len(samples))))
+    total_nll, correct, count = 0.0, 0, 0
+    for nll_sum, hits, tokens in parts:
+        total_nll, correct, count = total_nll + nll_sum, correct + hits, count + tokens
     if count == 0:
         return math.nan, math.nan
     return total_nll / count, correct / count
 
 
 class CoinBenchmark:
-    """CoIN tasks and the generation stream imported by ``mode-cl data import-coin``."""
+    """CoIN tasks and the generation stream imported by ``mode-cl data import-coin``.
+
+    ``SHARDED_EVAL``: :meth:`evaluate` takes the trial's ``dist`` and splits the work across its
+    workers (every rank must call it; all return the same result, that of a single process up to
+    float round-off), see the module docstring."""
+
+    SHARDED_EVAL = True
 
     def __init__(self, config: RunConfig, model_config, log=print) -> None:
         coin = config.coin
@@ -211,30 +283,36 @@ class CoinBenchmark:
             self.log(f"[yellow]{task}: {self.truncated - before} train sequences cut to {self.coin.max_length} tokens")
         return samples
 
-    def answers(self, model: nn.Module, task: str) -> list[str]:
-        """Greedy responses to ``task``'s test prompts (text up to end-of-sequence)."""
+    def _shard_answers(self, model: nn.Module, task: str, dist=None) -> tuple[list[int], list[str]]:
+        """This rank's test indices of ``task`` and its greedy responses to them."""
         table = self.tests[task]
-        prompts = [
-            self._truncate(row[:start])
-            for row, start in zip(
-                table.column("input_ids").to_pylist(), table.column("answer_start").to_pylist(), strict=True
-            )
-        ]
+        rows, starts = table.column("input_ids").to_pylist(), table.column("answer_start").to_pylist()
+        mine = _shard(dist, len(rows))
+        prompts = [self._truncate(rows[i][: starts[i]]) for i in mine]
         generated = greedy_decode(model, prompts, self.ids, self.coin.max_new_tokens, self.coin.eval_batch_size)
-        return [self.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in generated]
+        return mine, [self.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in generated]
 
-    def accuracy(self, model: nn.Module, task: str) -> float:
+    def answers(self, model: nn.Module, task: str, dist=None) -> list[str]:
+        """Greedy responses to ``task``'s test prompts (text up to end-of-sequence), in test order;
+        with ``dist`` each rank decodes its shard and every rank gets all responses."""
         table = self.tests[task]
-        responses = self.answers(model, task)
+        return _in_order(dist, table.num_rows, *self._shard_answers(model, task, dist))
+
+    def accuracy(self, model: nn.Module, task: str, dist=None) -> float:
+        """Share of ``task``'s test prompts answered correctly; with ``dist`` each rank decodes and
+        scores its shard and the per-sample hits are gathered."""
+        table = self.tests[task]
+        mine, responses = self._shard_answers(model, task, dist)
         questions, references = table.column("question").to_pylist(), table.column("answers").to_pylist()
         hits = [
-            is_correct(task, response, answers, question)
-            for response, answers, question in zip(responses, references, questions, strict=True)
+            is_correct(task, response, references[i], questions[i]) for i, response in zip(mine, responses, strict=True)
         ]
+        hits = _in_order(dist, table.num_rows, mine, hits)
         return sum(hits) / len(hits)
 
-    def _t2i_parts(self, device: torch.device) -> dict:
-        """VQGAN decoder, CLIP scorer and reference embeddings (model-independent: built once)."""
+    def _t2i_parts(self, device: torch.device, dist=None) -> dict:
+        """VQGAN decoder, CLIP scorer and reference embeddings (model-independent: built once; with
+        ``dist`` each rank embeds its shard of the reference images and the embeddings are gathered)."""
         if self._t2i is not None:
             return self._t2i
         from trainables.clip_scores import ClipScorer, load_reference_images
@@ -251,16 +329,20 @@ class CoinBenchmark:
         code_map = ImageCodeMap(self.vocabulary_map)
         parts = {"decoder": decoder, "scorer": scorer, "code_map": code_map}
         if coin.reference_images is not None:
-            reference = scorer.image_embeddings(load_reference_images(coin.reference_images))
+            images = load_reference_images(coin.reference_images)
+            mine = _shard(dist, len(images))
+            reference = _rows_in_order(dist, len(images), mine, scorer.image_embeddings([images[i] for i in mine]))
         else:  # the held-out images themselves, as the VQGAN reconstructs them from their tokens
             spans = []
             for row, start in zip(*self._generation_columns("input_ids", "answer_start"), strict=True):
                 span = [t for t in row[start:] if t not in (self.ids.begin_image, self.ids.end_image)]
                 if len(span) == self.tokens_per_image:
                     spans.append(span)
-            reference = self._embed_codes(parts, spans)
+            mine = _shard(dist, len(spans))
+            reference = _rows_in_order(dist, len(spans), mine, self._embed_codes(parts, [spans[i] for i in mine]))
         parts["reference"] = reference
-        self.log(f"t2i scoring: VQGAN {coin.vqgan}, CLIP {coin.clip_model}, {len(reference)} reference images")
+        if dist is None or dist.rank == 0:
+            self.log(f"t2i scoring: VQGAN {coin.vqgan}, CLIP {coin.clip_model}, {len(reference)} reference images")
         self._t2i = parts
         return parts
 
@@ -277,8 +359,10 @@ class CoinBenchmark:
             out.append(parts["scorer"].image_embeddings(parts["decoder"].decode(codes)))
         return torch.cat(out)
 
-    def t2i_scores(self, model: nn.Module) -> dict[str, float]:
-        """``text_align``, ``image_align``, ``fd_clip`` of images sampled for held-out captions."""
+    def t2i_scores(self, model: nn.Module, dist=None) -> dict[str, float]:
+        """``text_align``, ``image_align``, ``fd_clip`` of images sampled for held-out captions.
+        With ``dist`` each rank samples and embeds its shard of the prompts (each seeded by its
+        global index) and the CLIP embeddings are gathered, so the scores use the full set."""
         from trainables.t2i import sample_image_tokens, span_codes
 
         nan = {"text_align": math.nan, "image_align": math.nan, "fd_clip": math.nan}
@@ -288,10 +372,12 @@ class CoinBenchmark:
         rows, starts, captions = self._generation_columns("input_ids", "answer_start", "question")
         chosen = [i for i, caption in enumerate(captions) if caption and caption.strip()][: coin.t2i_prompts]
         if not chosen:
-            self.log("[yellow]t2i scoring: no held-out generation record has a caption; scores are NaN")
+            if dist is None or dist.rank == 0:
+                self.log("[yellow]t2i scoring: no held-out generation record has a caption; scores are NaN")
             return nan
-        parts = self._t2i_parts(_device(model))
-        prompts = [rows[i][: starts[i]] for i in chosen]  # <s> caption <sep>
+        parts = self._t2i_parts(_device(model), dist)
+        mine = _shard(dist, len(chosen))  # positions in `chosen`: they seed the prompts' generators
+        prompts = [rows[chosen[p]][: starts[chosen[p]]] for p in mine]  # <s> caption <sep>
         spans = sample_image_tokens(
             model,
             prompts,
@@ -301,25 +387,38 @@ class CoinBenchmark:
             top_k=coin.t2i_top_k,
             seed=coin.t2i_seed,
             batch_size=coin.eval_batch_size,
+            indices=mine,
         )
         generated = self._embed_codes(parts, span_codes(spans, self.ids, self.tokens_per_image))
+        generated = _rows_in_order(dist, len(chosen), mine, generated)
         return parts["scorer"].scores(generated, [captions[i] for i in chosen], parts["reference"])
 
     def evaluate(
-        self, model: nn.Module, stage: int, tasks: Sequence[int] | None = None, generation: bool = True
+        self,
+        model: nn.Module,
+        stage: int,
+        tasks: Sequence[int] | None = None,
+        generation: bool = True,
+        dist=None,
     ) -> tuple[list[float], dict[str, float]]:
         """Answer accuracy for the tasks in ``tasks`` (all when None; NaN for the others) and, if
-        ``generation``, the generation scores (else NaN)."""
+        ``generation``, the generation scores (else NaN). With ``dist`` (a
+        :class:`trainables.engine.Distributed` of world > 1) every rank must call this: each
+        evaluates its shard and all return the same result."""
         model.eval()
         wanted = range(len(self.config.tasks)) if tasks is None else tasks
-        row = [self.accuracy(model, task) if i in wanted else math.nan for i, task in enumerate(self.config.tasks)]
+        row = [
+            self.accuracy(model, task, dist) if i in wanted else math.nan for i, task in enumerate(self.config.tasks)
+        ]
         nll, top1 = math.nan, math.nan
-        if not generation:
-            return row, {"accuracy": top1, "frechet": math.nan, "nll": nll}
-        if self.test_generation is not None:
-            nll, top1 = image_token_scores(model, self.test_generation, self.ids, self.coin.eval_batch_size)
         scores = {"accuracy": top1, "frechet": math.nan, "nll": nll}
-        if self.coin.vqgan is not None and self.coin.clip_model is not None:
-            sampled = self.t2i_scores(model)
-            scores |= sampled | {"frechet": sampled["fd_clip"]}
+        if generation:
+            if self.test_generation is not None:
+                nll, top1 = image_token_scores(model, self.test_generation, self.ids, self.coin.eval_batch_size, dist)
+            scores = {"accuracy": top1, "frechet": math.nan, "nll": nll}
+            if self.coin.vqgan is not None and self.coin.clip_model is not None:
+                sampled = self.t2i_scores(model, dist)
+                scores |= sampled | {"frechet": sampled["fd_clip"]}
+        if dist is not None and dist.world > 1:  # identical by construction; rank 0's copy makes it exact
+            row, scores = dist.from_rank0((row, scores))
         return row, scores
