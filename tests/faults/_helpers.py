@@ -85,3 +85,38 @@ def child_runs(client, experiment_name: str) -> tuple[list, list]:
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     return parents, children
+
+
+STAGE_METRICS = ("acc/parity", "acc/bigsmall", "avg_acc", "forgetting", "bwt", "gen/acc", "gen/fd")
+
+
+def check_trials_against_uninterrupted(client, children, run_config: Path, out: Path) -> dict[str, dict]:
+    """Each finished child run of a 2-task micro sweep has every stage metric at steps 0, 1, 2 and
+    6 loss steps (none lost, none duplicated), and its logged results equal an uninterrupted
+    in-process run of the same trial config (method.kd_weight is the swept value). Returns the
+    logged results by kd_weight."""
+    import json
+
+    from trainables.config import load_run_config
+    from trainables.engine import run_sequence
+
+    logged_by_weight = {}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        for metric in STAGE_METRICS:
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, metric)]
+            assert sorted(steps) == [0, 1, 2], (metric, steps)
+        losses = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+        assert sorted(losses) == list(range(6)), losses
+        weight = child.data.params["method.kd_weight"]
+        local = client.download_artifacts(child.info.run_id, "results.json", str(out / weight))
+        logged = json.loads(Path(local).read_text())
+        expected = run_sequence(
+            load_run_config(run_config, [f"method.kd_weight={weight}"]),
+            out / "reference-work",
+            None,
+            log=lambda _: None,
+        )
+        assert comparable(logged) == comparable(expected), weight
+        logged_by_weight[weight] = logged
+    return logged_by_weight
