@@ -25,9 +25,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
-from trainables.coin_eval import left_pad
+from trainables.coin_eval import CachedDecoding
 from trainables.losses import unwrap
 from trainables.vocab import TokenIds
 
@@ -83,7 +82,6 @@ def sample_image_tokens(
     lm = unwrap(model)
     device = next(model.parameters()).device
     blocked = ~ids.codebook_mask(device)
-    lowest = torch.finfo(torch.float32).min
     results: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         batch = [[*prompt, ids.begin_image] for prompt in prompts[start : start + batch_size]]
@@ -91,25 +89,14 @@ def sample_image_tokens(
             torch.Generator(device=device).manual_seed(prompt_seed(seed, index))
             for index in indices[start : start + batch_size]
         ]
-        input_ids, mask = (t.to(device) for t in left_pad(batch, ids.pad))
-        positions = (mask.cumsum(1) - 1).clamp_min(0)
-        cache = DynamicCache(config=lm.config)
-        hidden = lm.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
-        ).last_hidden_state
-        next_position = positions[:, -1:] + 1
+        decoding = CachedDecoding(lm, batch, ids.pad, device)
         sampled: list[torch.Tensor] = []
         for step in range(tokens_per_image):
-            logits = lm.lm_head(hidden[:, -1]).float().masked_fill(blocked, lowest)
-            token = _sample(logits, generators, temperature, top_k)
+            token = _sample(decoding.next_logits(blocked), generators, temperature, top_k)
             sampled.append(token)
             if step == tokens_per_image - 1:
                 break  # end-image is appended, not fed: nothing is sampled after it
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            hidden = lm.model(
-                input_ids=token[:, None], attention_mask=mask, position_ids=next_position, cache=cache, use_cache=True
-            ).last_hidden_state
-            next_position = next_position + 1
+            decoding.feed(token)
         codes = torch.stack(sampled, dim=1).tolist()
         results.extend([ids.begin_image, *row, ids.end_image] for row in codes)
     return results
