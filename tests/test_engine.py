@@ -71,19 +71,6 @@ def test_resume_mid_task_reproduces_the_uninterrupted_run(work_dir, tmp_path):
     assert final.read_bytes() == reference.read_bytes()
 
 
-def test_truncated_latest_checkpoint_falls_back_with_a_warning(work_dir, tmp_path):
-    config = load_run_config(None, [*MICRO, "checkpoint.num_to_keep=0"])
-    full = run_sequence(config, work_dir, tmp_path / "run", log=lambda _: None)
-    latest = tmp_path / "run" / "checkpoints" / "ckpt_t02_s000000" / "adapter" / "adapter.safetensors"
-    latest.write_bytes(latest.read_bytes()[:100])
-    (tmp_path / "run" / "results.json").unlink()
-    messages = []
-    again = run_sequence(config, work_dir, tmp_path / "run", log=messages.append)
-    assert any("ckpt_t02_s000000 is unusable" in m and "does not match its hash" in m for m in messages)
-    assert any("resuming from checkpoint ckpt_t01_s000000" in m for m in messages)
-    assert _comparable(again) == _comparable(full)
-
-
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -1,6 +1,6 @@
 """Checkpoint faults, in-process: a failed checkpoint write (disk full) stops the run loudly and a rerun
-resumes from the newest complete checkpoint; a bit-flipped newest checkpoint is detected and skipped.
-Either way the final results equal an uninterrupted run's."""
+resumes from the newest complete checkpoint; a truncated or bit-flipped newest checkpoint is detected
+and skipped. Either way the final results equal an uninterrupted run's."""
 
 from __future__ import annotations
 
@@ -76,4 +76,18 @@ def test_bit_flipped_newest_checkpoint_is_detected_skipped_and_the_run_matches(w
     again = run_sequence(config, work_dir, run, log=messages.append)
     assert any(f"{newest.name} is unusable" in m and "does not match its hash" in m for m in messages)
     assert any(f"resuming from checkpoint {checkpoints[-4].name}" in m for m in messages)
+    assert _comparable(again) == _comparable(full)
+
+
+def test_truncated_newest_checkpoint_is_detected_skipped_and_the_run_matches(work_dir, tmp_path, uninterrupted):
+    config, full = uninterrupted
+    run = tmp_path / "run"
+    run_sequence(config, work_dir, run, log=lambda _: None)
+    latest = run / "checkpoints" / "ckpt_t02_s000000" / "adapter" / "adapter.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])  # the write was cut short
+    (run / "results.json").unlink()
+    messages: list[str] = []
+    again = run_sequence(config, work_dir, run, log=messages.append)
+    assert any("ckpt_t02_s000000 is unusable" in m and "does not match its hash" in m for m in messages)
+    assert any("resuming from checkpoint ckpt_t01_s000002" in m for m in messages)  # the newest good one
     assert _comparable(again) == _comparable(full)
