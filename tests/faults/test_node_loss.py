@@ -35,7 +35,10 @@ def test_losing_the_workers_node_mid_sequence_resumes_on_a_new_node(tmp_path):
         command += ["--out", str(out), "--address", cluster.address]
         command += [arg for item in [*MICRO, "resources.cpus_per_worker=1"] for arg in ("--set", item)]
         log = (tmp_path / "run.log").open("w")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": ""})
+        # ray.cluster_utils starts its nodes without token auth (`ray start` turns it on): say so,
+        # or mode-cl would present the local token as Ray's own `auto` does (see init_ray).
+        env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         first_task = storage / "nodeloss" / "ckpt_t01_s000000" / "manifest.json"
         deadline = time.monotonic() + 300
         while not first_task.exists() and process.poll() is None and time.monotonic() < deadline:
