@@ -299,7 +299,7 @@ def _resume(args: argparse.Namespace) -> int:
             raise UsageError(str(error)) from None
 
     def body(uri, console):
-        rows = resume_sweep(restored["sweep"], uri, args.address, console.print, reopen_parent=False)
+        rows = resume_sweep(restored["sweep"], uri, console.print)
         print_trials(rows, "avg_acc", console)
         return 0
 

@@ -5,8 +5,9 @@ Roles (Ray Train V2 rejects ``Tuner(TorchTrainer)``):
                            named ``train-<trial id>`` (never the clock: resume depends on the name)
     ``run_sweep``        — builds the ``Tuner`` from a :class:`SweepSpace`, the MLflow parent run,
                            and the parent's summary artifacts at the end
-    ``resume_sweep``     — ``Tuner.restore(..., resume_errored=True)``; trials continue from their
-                           task checkpoints and reopen their MLflow child runs
+    ``restore_sweep``    — ``Tuner.restore(..., resume_errored=True)`` (while MLflow boots)
+    ``resume_sweep``     — ``fit`` of the restored tuner; trials continue from their task
+                           checkpoints and reopen their MLflow child runs
 ``sweep.json`` in the sweep directory keeps what resume and report need (space path, parent run).
 """
 
@@ -387,26 +388,11 @@ def reopen_parent_run(sweep: RestoredSweep, tracking_uri: str | None) -> None:
         MlflowClient(tracking_uri).update_run(sweep.tracking["parent_run_id"], status="RUNNING")
 
 
-def resume_sweep(
-    sweep: str | RestoredSweep,
-    tracking_uri: str | None,
-    address: str | None,
-    log: Log,
-    storage: str | None = None,
-    reopen_parent: bool = True,
-) -> list[dict[str, Any]]:
-    """Finish an interrupted sweep: trials that were done stay done, the others go on from their
-    newest checkpoint, logging into their existing MLflow child runs. ``sweep`` is its name or
-    path (then ``storage`` is where to look) or what :func:`restore_sweep` returned;
-    ``reopen_parent=False`` when the caller sets the parent run RUNNING itself."""
-    from orchestrator.train import init_ray
-
-    if not isinstance(sweep, RestoredSweep):
-        init_ray(address)
-        sweep = restore_sweep(sweep, storage or "", tracking_uri, log)
+def resume_sweep(sweep: RestoredSweep, tracking_uri: str | None, log: Log) -> list[dict[str, Any]]:
+    """Finish a sweep that :func:`restore_sweep` restored: trials that were done stay done, the
+    others go on from their newest checkpoint, logging into their existing MLflow child runs (the
+    caller reopens the parent run with :func:`reopen_parent_run` once the server answers)."""
     with _parent_status_on_failure(sweep.tracking):
-        if reopen_parent:
-            reopen_parent_run(sweep, tracking_uri)
         sweep.tuner.fit()
     return finish_sweep(sweep.directory, tracking_uri, log)
 
