@@ -60,6 +60,18 @@ def _ray_processes() -> list[str]:
     return [line for line in listing if any(k in line for k in ("raylet", "gcs_server", "ray::", "dashboard.py"))]
 
 
+def _head_autoscaler() -> str:
+    """Which monitor.py the head's current Ray session runs (the head is this machine, default temp dir)."""
+    log = Path("/tmp/ray/session_latest/logs/monitor.log")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines() if log.is_file() else []:
+            if "started with command: [" in line:
+                return line.split("started with command: [", 1)[1].split(",", 1)[0].strip("'")
+        time.sleep(0.5)
+    raise AssertionError(f"no monitor start line in {log}")
+
+
 @pytest.fixture
 def sshd(tmp_path):
     """An sshd on 127.0.0.1:<free port> that accepts only a throwaway key for the current user."""
@@ -227,6 +239,8 @@ def test_ray_up_sweep_on_the_cluster_mlflow_on_the_head_and_full_teardown(tmp_pa
             cwd=ROOT, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert restart.returncode == 0, restart.stdout[-3000:] + restart.stderr[-3000:]
+        # v1 autoscaler: v2 can terminate its own head in the restart's `ray stop` ("Head node … not found!")
+        assert _head_autoscaler().endswith("autoscaler/_private/monitor.py")
         resume = subprocess.run(
             [MODE_CL, "resume", "killed", "--cluster", str(cluster)], capture_output=True, text=True, timeout=900
         )
@@ -243,9 +257,12 @@ def test_ray_up_sweep_on_the_cluster_mlflow_on_the_head_and_full_teardown(tmp_pa
             assert [e["task"] for e in state["task_log"] if e["event"] == "start"] == [0, 1]  # none trained twice
     finally:
         down = subprocess.run([MODE_CL, "cluster-down", str(cluster)], capture_output=True, text=True, timeout=300)
+        time.sleep(2)
+        ray_left = _ray_processes()
+        if ray_left:  # the head is this machine: a Ray left running would break every later Ray test
+            subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
-    time.sleep(2)
-    assert _ray_processes() == []
+    assert ray_left == []
     assert not (home / "mode-cl-work" / "mlflow" / "server.pid").exists()
     server_left = subprocess.run(["pgrep", "-f", f"mlflow server.*{home}"], capture_output=True, text=True).stdout
     assert server_left == ""
