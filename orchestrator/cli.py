@@ -279,7 +279,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     from orchestrator.report import print_trials
-    from orchestrator.sweep import check_resumable, reopen_parent_run, restore_sweep, resume_sweep
+    from orchestrator.sweep import check_resumable, parent_run_reopener, restore_sweep, resume_sweep
 
     if args.cluster:
         from orchestrator.cluster import resume_on_cluster
@@ -297,6 +297,7 @@ def _resume(args: argparse.Namespace) -> int:
             restored["sweep"] = restore_sweep(args.sweep, _storage(args), uri, console.print)
         except ValueError as error:
             raise UsageError(str(error)) from None
+        restored["reopen_parent"] = parent_run_reopener(restored["sweep"], uri)  # imports MLflow here
 
     def body(uri, console):
         rows = resume_sweep(restored["sweep"], uri, console.print)
@@ -304,7 +305,7 @@ def _resume(args: argparse.Namespace) -> int:
         return 0
 
     def on_ready(uri):  # the parent run goes back to RUNNING once the server answers
-        reopen_parent_run(restored["sweep"], uri)
+        restored["reopen_parent"]()
 
     return _with_tracking(args, body, prepare, on_ready)
 

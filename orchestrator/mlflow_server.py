@@ -159,8 +159,10 @@ def tracking_server(
 
     ``while_starting(uri)`` runs while the server boots (e.g. starting Ray and restoring Tune's
     experiment state); it must not call the server. With ``on_ready``, the block does not wait for
-    the server either: a watcher calls ``on_ready(uri)`` once it answers, or, if it never does,
-    logs why and interrupts this process (SIGINT: a sweep stops as after Ctrl-C, resumable).
+    the server either: a watcher thread calls ``on_ready(uri)`` once it answers, or, if it never
+    does, logs why and interrupts this process (SIGINT: a sweep stops as after Ctrl-C, resumable).
+    ``on_ready`` must not import anything (do the imports before): the main thread is importing
+    at the same time, and concurrent imports of large packages can leave them half-initialised.
     ``mode-cl resume`` uses this to let Tune start its trials during the server's last seconds of
     booting — a trial's first call to the server comes ~10 s later, and the MLflow client retries."""
     store.mkdir(parents=True, exist_ok=True)

@@ -380,18 +380,29 @@ def restore_sweep(name_or_path: str, storage: str, tracking_uri: str | None, log
     return RestoredSweep(directory, tracking, tuner)
 
 
-def reopen_parent_run(sweep: RestoredSweep, tracking_uri: str | None) -> None:
-    """The sweep's parent run (FAILED/KILLED when its driver died) is RUNNING again."""
-    if sweep.tracking and tracking_uri:
-        from mlflow.tracking import MlflowClient
+def parent_run_reopener(sweep: RestoredSweep, tracking_uri: str | None) -> Callable[[], None]:
+    """A call that sets the sweep's parent run (FAILED/KILLED when its driver died) RUNNING again.
 
-        MlflowClient(tracking_uri).update_run(sweep.tracking["parent_run_id"], status="RUNNING")
+    MLflow is imported and the client built here, on the caller's thread, so that the call itself
+    imports nothing: ``mode-cl resume`` makes it from a watcher thread while ``Tuner.fit`` imports
+    on the main thread, and importing MLflow's ~1,600 modules from two threads at once left
+    ``mlflow`` half-initialised now and then (the sweep then failed at its end with "partially
+    initialized module 'mlflow' has no attribute 'version'")."""
+    if not (sweep.tracking and tracking_uri):
+        return lambda: None
+    import netrc  # noqa: F401  (requests imports it lazily on the first request)
+
+    import mlflow.tracking.request_header.registry  # noqa: F401  (imported lazily by the first request)
+    from mlflow.tracking import MlflowClient
+
+    client, run_id = MlflowClient(tracking_uri), sweep.tracking["parent_run_id"]
+    return lambda: client.update_run(run_id, status="RUNNING")
 
 
 def resume_sweep(sweep: RestoredSweep, tracking_uri: str | None, log: Log) -> list[dict[str, Any]]:
     """Finish a sweep that :func:`restore_sweep` restored: trials that were done stay done, the
     others go on from their newest checkpoint, logging into their existing MLflow child runs (the
-    caller reopens the parent run with :func:`reopen_parent_run` once the server answers)."""
+    caller reopens the parent run with :func:`parent_run_reopener` once the server answers)."""
     with _parent_status_on_failure(sweep.tracking):
         sweep.tuner.fit()
     return finish_sweep(sweep.directory, tracking_uri, log)

@@ -100,9 +100,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
 
     def log(message: str) -> None:
-        # stderr: Ray Train V2 echoes a worker's stdout to the driver twice.
+        # Not print(): Ray Train V2 patches print to tee into its logger as well as the
+        # (Ray-wrapped) stream, so every line reached the driver twice.
         if rank == 0:
-            print(f"[mode-cl worker] {message}", file=sys.stderr, flush=True)
+            sys.stderr.write(f"[mode-cl worker] {message}\n")
+            sys.stderr.flush()
 
     tracker = None
     tracking = loop_config.get("tracking")
