@@ -103,7 +103,7 @@ print(sorted(set(sys.modules) - before))
 def test_parent_run_reopen_imports_nothing_on_the_watcher_thread(tmp_path):
     """`mode-cl resume` reopens the parent run from a thread while Tune imports on the main one;
     MLflow imported from both at once once left `mlflow` half-initialised and failed the resumed
-    sweep at its end (seen in this file's test above, about one run in three). The call made on the
+    sweep at its end (seen in this file's test above, two runs in three here). The call made on the
     watcher thread must therefore import nothing, and still reopen the run."""
     from mlflow.tracking import MlflowClient
 
