@@ -54,12 +54,11 @@ def main() -> None:
     parser.add_argument("--out", default="mode-cl-work/benchmarks/digits_methods")
     args = parser.parse_args()
 
-    from trainables.base_model import pretrain_base
+    from trainables.benchmarks import prepare
     from trainables.config import load_run_config
-    from trainables.engine import prepare_data
 
     config = load_run_config(ROOT / "search_spaces" / "digits.yaml")
-    pretrain_base(config.base, config.data, prepare_data(config, Path(args.work_dir)), Path(args.work_dir))
+    prepare(config, Path(args.work_dir))
     jobs = [(m, s, args.work_dir, args.out) for m in args.methods for s in args.seeds]
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from trainables.batching import SampleSet
-from trainables.chameleon import ChameleonShape, build_real_layout_chameleon
+from trainables.benchmarks.coin.chameleon import ChameleonShape, build_real_layout_chameleon
 from trainables.methods import build_method
 from trainables.vocab import TokenIds
 
@@ -118,7 +118,7 @@ def run_method(name: str, args, device: torch.device, dtype: torch.dtype, shape:
 
     def step() -> float:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = sum(method.loss_terms(model, batch, stream if method.USES_KD else None).values())
+            loss = sum(method.loss_terms(model, batch, stream=stream if method.USES_KD else None).values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)

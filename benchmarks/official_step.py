@@ -26,11 +26,11 @@ import torch
 from step_time import make_batch
 
 from trainables.batching import SampleSet
-from trainables.data.digits import DigitsConfig, vocabulary
+from trainables.benchmarks.digits.data import DigitsConfig, vocabulary
+from trainables.benchmarks.digits.tiny import TinyChameleonConfig, build_tiny_chameleon
 from trainables.methods import MethodConfig, build_method
 from trainables.mode.reference import official_style
 from trainables.teacher_cache import load_or_build, model_fingerprint
-from trainables.tiny import TinyChameleonConfig, build_tiny_chameleon
 from trainables.vocab import TokenIds
 
 

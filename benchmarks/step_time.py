@@ -18,9 +18,9 @@ import warnings
 
 import torch
 
-from trainables.data.digits import DigitsConfig, vocabulary
+from trainables.benchmarks.digits.data import DigitsConfig, vocabulary
+from trainables.benchmarks.digits.tiny import TinyChameleonConfig, build_tiny_chameleon
 from trainables.methods import Batch, MethodConfig, build_method
-from trainables.tiny import TinyChameleonConfig, build_tiny_chameleon
 from trainables.vocab import TokenIds
 
 

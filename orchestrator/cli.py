@@ -1,4 +1,5 @@
-"""The ``mode-cl`` command line. Subcommands parse and validate their input, then call library code.
+"""The ``mode-cl`` command line. Subcommands parse their arguments and call the orchestrator; a
+:class:`trainables.errors.UserError` from anywhere becomes one line on stderr and exit code 2.
 
 mode-cl --version
 mode-cl methods                          # the continual-learning methods
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trainables import __version__
+from trainables.errors import UserError
 
 EXIT_USAGE = 2
 
@@ -39,145 +41,58 @@ DEFAULT_RUN_CONFIG = Path(__file__).resolve().parent.parent / "search_spaces" / 
 DEFAULT_WORK_DIR = Path("mode-cl-work")
 
 
-def _load_config(args: argparse.Namespace):
-    from trainables.config import ConfigError, load_run_config
-
-    try:
-        return load_run_config(args.config, args.set or [])
-    except ConfigError as error:
-        raise UsageError(str(error)) from None
-
-
 def _run(args: argparse.Namespace) -> int:
-    from orchestrator.report import print_results, wide_console
+    from orchestrator.report import print_plan, print_results, wide_console
+    from orchestrator.train import run
+    from trainables.benchmarks import check_inputs
+    from trainables.config import load_run_config
 
-    config = _load_config(args)
+    config = load_run_config(args.config, args.set or [])
     if args.dry_run:
-        return _dry_run(config)
-    if config.coin is not None:
-        _check_coin_inputs(config)
-    work_dir = Path(args.work_dir).resolve()
-    name = args.name or f"{config.method.name}-{config.config_hash()}"
-    out = Path(args.out) if args.out else work_dir / "runs" / name
+        from trainables.plan import resource_plan
+
+        print_plan(resource_plan(config), config)
+        return 0
+    check_inputs(config)
     console = wide_console()
     path = "in-process" if args.no_ray else "Ray Train"
     console.print(
         f"[bold]mode-cl run[/] ({path}): method {config.method.name}, tasks {list(config.tasks)}, seed {config.seed}"
     )
-    storage = args.storage or str(work_dir / "ray_results")
-    existing = out / "checkpoints" if args.no_ray else (Path(storage) / name if "://" not in storage else None)
-    _refuse_changed_config(existing, config, name)
-    if args.no_ray:
-        from trainables.engine import run_sequence
-
-        results = run_sequence(config, work_dir, out, log=console.print)
-    else:
-        from orchestrator.train import run_with_ray
-
-        results = run_with_ray(config, work_dir, out, name, storage, args.address, log=console.print)
+    results, out = run(
+        config,
+        args.work_dir,
+        name=args.name,
+        out=Path(args.out) if args.out else None,
+        storage=args.storage,
+        address=args.address,
+        in_process=args.no_ray,
+        log=console.print,
+    )
     print_results(results, console)
     console.print(f"results: {out / 'results.json'}")
     return 0
 
 
-def _refuse_changed_config(checkpoints: Path | None, config, name: str) -> None:
-    """Resuming a run whose stored config differs would mix two experiments: refuse, with the diff."""
-    import json
-
-    from trainables.checkpoint import list_checkpoints
-    from trainables.config import config_diff
-
-    for directory in reversed(list_checkpoints(checkpoints) if checkpoints else []):
-        try:
-            stored = json.loads((directory / "state.json").read_text())
-        except (OSError, ValueError):
-            continue
-        if stored.get("config_hash") != config.config_hash():
-            raise UsageError(
-                f"run {name!r} already exists with a different config "
-                f"({config_diff(stored['config'], config.to_dict())}); "
-                "rerun it unchanged to resume, or pick another --name/--out"
-            )
-        return
-
-
-def _coin_errors():
-    from trainables.chameleon import ModelSourceError
-    from trainables.data.coin import CoinInputError
-
-    return (ModelSourceError, CoinInputError)
-
-
-def _check_coin_inputs(config) -> None:
-    """Fail before anything starts (one line, exit 2) if the model or the imported data are unusable."""
-    from transformers import ChameleonConfig
-
-    from trainables.chameleon import resolve_model_dir
-    from trainables.coin_eval import CoinBenchmark
-
-    try:
-        model_config = ChameleonConfig.from_pretrained(resolve_model_dir(config.coin.model, "coin.model"))
-        CoinBenchmark(config, model_config, log=lambda message: None)
-    except _coin_errors() as error:
-        raise UsageError(str(error)) from None
-
-
-def _dry_run(config) -> int:
-    from rich.table import Table
-
-    from orchestrator.report import wide_console
-    from trainables.plan import resource_plan
-
-    try:
-        plan = resource_plan(config)
-    except _coin_errors() as error:
-        raise UsageError(str(error)) from None
-    console = wide_console()
-    table = Table(title=f"resource plan: method {config.method.name}, tasks {list(config.tasks)} (no weights loaded)")
-    table.add_column("item")
-    table.add_column("value", overflow="fold")
-    table.add_row("model shape from", plan["model_source"])
-    table.add_row("base parameters", f"{plan['base_params']:,} (VQ-VAE {plan['vq_params']:,}), {plan['dtype']}")
-    table.add_row("adapter parameters", f"{plan['adapter_params']:,} ({100 * plan['adapter_share']:.2f} % of base)")
-    table.add_row(
-        "batch",
-        f"global {plan['global_batch']} = {plan['workers']} worker(s) × {plan['micro_batch_per_worker']}, "
-        f"max length {plan['max_length']}, gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}",
-    )
-    memory = plan["memory_gib_per_worker"]
-    parts = ", ".join(f"{name} {value:.1f}" for name, value in memory.items() if name != "total")
-    table.add_row("GPU memory per worker (estimate)", f"{memory['total']:.1f} GiB ({parts} GiB)")
-    steps = ", ".join(
-        f"{task} {n if n is not None else '? (not imported yet)'}" for task, n in plan["steps_per_task"].items()
-    )
-    table.add_row("steps per task", steps)
-    console.print(table)
-    console.print(f"config ok (hash {config.config_hash()}); nothing was started")
-    return 0
-
-
 def _import_coin(args: argparse.Namespace) -> int:
-    from trainables.data.coin import TaskFiles, import_coin
+    from trainables.benchmarks.coin.data import TaskFiles, import_coin
 
     if (args.train or args.test) and not args.task:
-        raise UsageError("--train/--test need --task NAME (e.g. --task ScienceQA); import one task per call")
+        raise UserError("--train/--test need --task NAME (e.g. --task ScienceQA); import one task per call")
     tasks = [TaskFiles(args.task, args.train, args.test)] if args.task else []
-    try:
-        result = import_coin(
-            args.out,
-            args.model,
-            tasks,
-            generation=args.generation,
-            image_root=args.image_root,
-            separator_token=args.separator_token,
-            shard_size=args.shard_size,
-            batch_size=args.batch_size,
-            gen_holdout=args.gen_holdout,
-            stream_codes=args.stream_codes,
-            device=args.device,
-        )
-    except _coin_errors() as error:
-        raise UsageError(str(error)) from None
+    result = import_coin(
+        args.out,
+        args.model,
+        tasks,
+        generation=args.generation,
+        image_root=args.image_root,
+        separator_token=args.separator_token,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        gen_holdout=args.gen_holdout,
+        stream_codes=args.stream_codes,
+        device=args.device,
+    )
     for split, written in result["shards_written"].items():
         print(f"{split}: {written} shard(s) written")
     print(f"imported into {args.out} (manifest.json lists every task and split)")
@@ -185,27 +100,19 @@ def _import_coin(args: argparse.Namespace) -> int:
 
 
 def _pretrain_base(args: argparse.Namespace) -> int:
-    from trainables.base_model import pretrain_base
-    from trainables.engine import prepare_data
+    from trainables.benchmarks.digits import benchmark as digits
+    from trainables.config import load_run_config
 
-    config = _load_config(args)
-    directory = pretrain_base(config.base, config.data, prepare_data(config, args.work_dir), args.work_dir)
+    config = load_run_config(args.config, args.set or [])
+    directory = digits.prepare(config, Path(args.work_dir))
     print(f"base model: {directory}")
     return 0
 
 
-def _space(path: str):
-    from orchestrator.space import load_space
-    from trainables.config import ConfigError
-
-    try:
-        return load_space(path)
-    except ConfigError as error:
-        raise UsageError(str(error)) from None
-
-
 def _validate(args: argparse.Namespace) -> int:
-    space = _space(args.space)
+    from orchestrator.space import load_space
+
+    space = load_space(args.space)
     print(
         f"{args.space}: ok — {space.size} trials ({space.search}, {space.scheduler['type']}), objective "
         f"{space.objective_mode} {space.objective_metric}, {space.max_concurrent_trials} at a time"
@@ -217,167 +124,81 @@ def _storage(args: argparse.Namespace) -> str:
     return args.storage or str((Path(args.work_dir) / "sweeps").resolve())
 
 
-def _with_tracking(args: argparse.Namespace, body, prepare=None, on_ready=None) -> int:
-    """Run ``body(tracking_uri, console)`` with the embedded MLflow server unless one is configured.
-    Ray starts, then ``prepare(tracking_uri, console)`` runs (work that needs Ray but not yet the
-    server), while the server boots. With ``on_ready(tracking_uri)``, ``body`` does not wait for
-    the server: ``on_ready`` is called once it answers (directly, for a configured server)."""
-    from orchestrator.mlflow_server import resolve_tracking_uri, tracking_server
-    from orchestrator.report import wide_console
-    from orchestrator.train import init_ray
+def _tracking(args: argparse.Namespace):
+    from orchestrator.mlflow_server import resolve_tracking_uri
+    from orchestrator.sweep_tracking import TrackingChoice
 
-    console = wide_console()
-    uri = resolve_tracking_uri(args.tracking_uri)
-
-    def start(tracking_uri: str | None) -> None:
-        init_ray(args.address)
-        if prepare is not None:
-            prepare(tracking_uri, console)
-
-    if args.no_tracking or uri:
-        uri = None if args.no_tracking else uri
-        if prepare is not None:
-            start(uri)
-        if on_ready is not None and uri:
-            on_ready(uri)
-        return body(uri, console)
-    store = Path(args.work_dir) / "mlflow"
-    with tracking_server(store, log=console.print, while_starting=start, on_ready=on_ready) as local_uri:
-        return body(local_uri, console)
+    return TrackingChoice(resolve_tracking_uri(args.tracking_uri), args.no_tracking, Path(args.work_dir) / "mlflow")
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from orchestrator.report import print_trials
-    from orchestrator.sweep import check_new_sweep, run_sweep
+    from orchestrator.report import print_trials, wide_console
+    from orchestrator.space import load_space
+    from orchestrator.sweep import start_sweep
 
-    space = _space(args.space)
+    space = load_space(args.space)
     if args.name:
         space.name = args.name
     if args.cluster:
-        from orchestrator.cluster import ClusterError, sweep_on_cluster
+        from orchestrator.cluster import load_cluster, sweep_on_cluster
 
-        try:
-            return sweep_on_cluster(_cluster(args.cluster), Path(args.space), space.name)
-        except ClusterError as error:
-            raise UsageError(str(error)) from None
-    try:  # before anything starts
-        check_new_sweep(space.name, _storage(args))
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-
-    def body(uri, console):
-        try:
-            rows = run_sweep(space, Path(args.work_dir), _storage(args), uri, args.address, console.print)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        print_trials(rows, space.objective_metric, console)
-        console.print("browse the results: mode-cl ui")
-        return 0
-
-    return _with_tracking(args, body)
+        return sweep_on_cluster(load_cluster(args.cluster), Path(args.space), space.name)
+    console = wide_console()
+    rows = start_sweep(space, Path(args.work_dir), _storage(args), _tracking(args), args.address, console.print)
+    print_trials(rows, space.objective_metric, console)
+    console.print("browse the results: mode-cl ui")
+    return 0
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from orchestrator.report import print_trials
-    from orchestrator.sweep import check_resumable, parent_run_reopener, restore_sweep, resume_sweep
+    from orchestrator.report import print_trials, wide_console
+    from orchestrator.sweep import resume
 
     if args.cluster:
-        from orchestrator.cluster import resume_on_cluster
+        from orchestrator.cluster import load_cluster, resume_on_cluster
 
-        return resume_on_cluster(_cluster(args.cluster), args.sweep)
-    try:  # before anything starts
-        check_resumable(args.sweep, _storage(args))
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-
-    restored = {}
-
-    def prepare(uri, console):  # Tune's restore of the experiment state, while MLflow boots
-        try:
-            restored["sweep"] = restore_sweep(args.sweep, _storage(args), uri, console.print)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        restored["reopen_parent"] = parent_run_reopener(restored["sweep"], uri)  # imports MLflow here
-
-    def body(uri, console):
-        rows = resume_sweep(restored["sweep"], uri, console.print)
-        print_trials(rows, "avg_acc", console)
-        return 0
-
-    def on_ready(uri):  # the parent run goes back to RUNNING once the server answers
-        restored["reopen_parent"]()
-
-    return _with_tracking(args, body, prepare, on_ready)
+        return resume_on_cluster(load_cluster(args.cluster), args.sweep)
+    console = wide_console()
+    rows = resume(args.sweep, _storage(args), _tracking(args), args.address, console.print)
+    print_trials(rows, "avg_acc", console)
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     from orchestrator.report import report_trials
-    from orchestrator.sweep import SWEEP_FILE, sweep_dir
+    from orchestrator.sweep_store import find_sweep
 
     if args.cluster:
-        from orchestrator.cluster import report_on_cluster
+        from orchestrator.cluster import load_cluster, report_on_cluster
 
-        return report_on_cluster(_cluster(args.cluster), args.sweep, args.format)
-    directory = sweep_dir(args.sweep, _storage(args))
-    if not (directory / SWEEP_FILE).is_file():
-        raise UsageError(f"no sweep at {directory}: check the name, or pass --storage where it was run")
-    return report_trials(directory, args.format, args.output)
+        return report_on_cluster(load_cluster(args.cluster), args.sweep, args.format)
+    return report_trials(find_sweep(args.sweep, _storage(args)), args.format, args.output)
 
 
 def _ui(args: argparse.Namespace) -> int:
     from orchestrator.mlflow_server import serve_forever
 
     if args.cluster:
-        from orchestrator.cluster import ui_on_cluster
+        from orchestrator.cluster import load_cluster, ui_on_cluster
 
-        return ui_on_cluster(_cluster(args.cluster), args.port or 5001)
+        return ui_on_cluster(load_cluster(args.cluster), args.port or 5001)
     return serve_forever(Path(args.work_dir) / "mlflow", args.port or 5000)
 
 
 def _gc(args: argparse.Namespace) -> int:
-    from rich.table import Table
+    from orchestrator.gc import collect
+    from orchestrator.report import print_collection
+    from orchestrator.sweep_store import find_sweep
 
-    from orchestrator.gc import collect, tree_size
-    from orchestrator.report import wide_console
-    from orchestrator.sweep import SWEEP_FILE, sweep_dir
-
-    directory = sweep_dir(args.sweep, _storage(args))
-    if not (directory / SWEEP_FILE).is_file():
-        raise UsageError(f"no sweep at {directory}: check the name, or pass --storage where it was run")
-    before = tree_size(directory)
-    result = collect(directory, dry_run=args.dry_run)
-    console = wide_console()
-    verb = "would remove" if args.dry_run else "removed"
-    console.print(
-        f"{len(result.finished)} finished trial(s): {verb} {len(result.removed)} checkpoint(s), "
-        f"{result.freed_bytes / 2**20:.1f} MiB; {len(result.unfinished)} unfinished trial(s) left as they are"
-    )
-    work_dir = Path(args.work_dir)
-    table = Table(title="disk footprint")
-    table.add_column("what")
-    table.add_column("MiB", justify="right")
-    after = before - (0 if args.dry_run else result.freed_bytes)
-    table.add_row(f"sweep {directory.name} (Tune/Train state, checkpoints)", f"{after / 2**20:.1f}")
-    for name, what in (("mlflow", "MLflow store (all sweeps)"), ("base", "base models"), ("data", "task data"),
-                       ("teacher_cache", "teacher caches")):  # fmt: skip
-        table.add_row(f"{what}: {work_dir / name}", f"{tree_size(work_dir / name) / 2**20:.1f}")
-    console.print(table)
+    directory = find_sweep(args.sweep, _storage(args))
+    print_collection(directory, collect(directory, dry_run=args.dry_run), Path(args.work_dir), args.dry_run)
     return 0
 
 
-def _cluster(path: Path):
-    from orchestrator.cluster import ClusterError, load_cluster
-
-    try:
-        return load_cluster(path)
-    except ClusterError as error:
-        raise UsageError(str(error)) from None
-
-
 def _cluster_down(args: argparse.Namespace) -> int:
-    from orchestrator.cluster import down
+    from orchestrator.cluster import down, load_cluster
 
-    return down(_cluster(args.cluster))
+    return down(load_cluster(args.cluster))
 
 
 def _tracking_server_start(args: argparse.Namespace) -> int:
@@ -403,10 +224,6 @@ def _tracking_server_relay(args: argparse.Namespace) -> int:
     from orchestrator.mlflow_server import relay
 
     return relay(args.store, args.port)
-
-
-class UsageError(Exception):
-    """Bad user input: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -531,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.func(args)
-    except UsageError as error:
+    except UserError as error:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"mode-cl: error: {error}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import yaml
 
+from trainables.errors import UserError
+
 RAY = str(Path(sys.executable).with_name("ray"))
 REQUIRED = ("project_dir", "work_dir", "storage", "mlflow_store", "mlflow_port")
 PLACEHOLDER = "YOUR-"
 
 
-class ClusterError(ValueError):
+class ClusterError(UserError):
     """A cluster file or cluster command problem, reported in one line."""
 
 

@@ -93,3 +93,48 @@ def report_trials(directory, output_format: str, output: str | None) -> int:
     else:
         print_trials(rows, "objective")
     return 0
+
+
+def print_plan(plan: dict[str, Any], config) -> None:
+    """``mode-cl run --dry-run``: the resource plan of ``config`` (see :mod:`trainables.plan`)."""
+    console = wide_console()
+    table = Table(title=f"resource plan: method {config.method.name}, tasks {list(config.tasks)} (no weights loaded)")
+    table.add_column("item")
+    table.add_column("value", overflow="fold")
+    table.add_row("model shape from", plan["model_source"])
+    table.add_row("base parameters", f"{plan['base_params']:,} (VQ-VAE {plan['vq_params']:,}), {plan['dtype']}")
+    table.add_row("adapter parameters", f"{plan['adapter_params']:,} ({100 * plan['adapter_share']:.2f} % of base)")
+    table.add_row(
+        "batch",
+        f"global {plan['global_batch']} = {plan['workers']} worker(s) × {plan['micro_batch_per_worker']}, "
+        f"max length {plan['max_length']}, gradient checkpointing {'on' if plan['gradient_checkpointing'] else 'off'}",
+    )
+    memory = plan["memory_gib_per_worker"]
+    parts = ", ".join(f"{name} {value:.1f}" for name, value in memory.items() if name != "total")
+    table.add_row("GPU memory per worker (estimate)", f"{memory['total']:.1f} GiB ({parts} GiB)")
+    steps = ", ".join(
+        f"{task} {n if n is not None else '? (not imported yet)'}" for task, n in plan["steps_per_task"].items()
+    )
+    table.add_row("steps per task", steps)
+    console.print(table)
+    console.print(f"config ok (hash {config.config_hash()}); nothing was started")
+
+
+def print_collection(directory, result, work_dir, dry_run: bool) -> None:
+    """``mode-cl gc``: what was (or would be) removed, and the disk footprint after it."""
+    from orchestrator.gc import tree_size
+
+    console = wide_console()
+    verb = "would remove" if dry_run else "removed"
+    console.print(
+        f"{len(result.finished)} finished trial(s): {verb} {len(result.removed)} checkpoint(s), "
+        f"{result.freed_bytes / 2**20:.1f} MiB; {len(result.unfinished)} unfinished trial(s) left as they are"
+    )
+    table = Table(title="disk footprint")
+    table.add_column("what")
+    table.add_column("MiB", justify="right")
+    table.add_row(f"sweep {directory.name} (Tune/Train state, checkpoints)", f"{tree_size(directory) / 2**20:.1f}")
+    for name, what in (("mlflow", "MLflow store (all sweeps)"), ("base", "base models"), ("data", "task data"),
+                       ("teacher_cache", "teacher caches")):  # fmt: skip
+        table.add_row(f"{what}: {work_dir / name}", f"{tree_size(work_dir / name) / 2**20:.1f}")
+    console.print(table)

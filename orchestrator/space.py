@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from trainables.config import ConfigError, RunConfig, apply_overrides, load_run_config, load_run_config_dict
+from trainables.config import ConfigError, RunConfig, load_run_config_dict, read_config_file
+from trainables.config_rules import field_type
 
 TOP_LEVEL = (
     "name",
@@ -59,6 +60,7 @@ class SweepSpace:
     base: dict[str, Any]  # the run config data the trials start from
     fixed: dict[str, Any]
     trials: list[dict[str, Any]]  # explicit overrides per trial (grid expanded, extras, seeds)
+    configs: list[RunConfig]  # each trial's config, validated (distributions not yet sampled)
     distributions: dict[str, tuple[str, list]]  # sampled per trial: path → (kind, args)
     objective_metric: str = "avg_acc"
     objective_mode: str = "max"
@@ -69,19 +71,16 @@ class SweepSpace:
     checkpoints_to_mlflow: str = "all"
 
     def trial_config(self, overrides: dict[str, Any]) -> RunConfig:
-        return load_run_config_dict_from(self.base, {**self.fixed, **overrides})
+        """The config of a trial with these overrides (e.g. with sampled values)."""
+        return load_run_config_dict(self.base, {**self.fixed, **overrides})
 
     @property
     def size(self) -> int:
         return len(self.trials) * self.num_samples
 
 
-def _yaml(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
 def _fail(path: str, message: str) -> None:
-    raise ConfigError(f"{path}: {message}")
+    raise ConfigError(path, message)
 
 
 def _unknown(path: str, key: str, known: tuple[str, ...] | list[str]) -> None:
@@ -118,29 +117,40 @@ def _task_orders(value: Any, path: str, seed: int) -> list[list[str]]:
 
 
 def _check(base: dict[str, Any], overrides: dict[str, Any], path: str) -> None:
+    """Check ``base`` with ``overrides``; an error is reported at the space's ``path``."""
     try:
-        load_run_config_dict_from(base, overrides)
+        load_run_config_dict(base, overrides)
     except ConfigError as error:
-        message = str(error).split(": ", 1)[-1]
-        _fail(path, message)
+        raise ConfigError(path, error.reason) from None
 
 
-def load_run_config_dict_from(base: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
-    return load_run_config_dict(apply_overrides(base, [f"{k}={_yaml(v)}" for k, v in overrides.items()]))
+def _culprit(
+    base: dict[str, Any], fixed: dict[str, Any], grid_values: dict[str, list], extras: list[dict[str, Any]]
+) -> None:
+    """Find the one fixed, grid or extra value that makes a trial invalid by itself, and report it
+    at its YAML path (only run once a trial failed: each value alone, in the file's order)."""
+    for key, value in fixed.items():
+        _check(base, {key: value}, f"fixed.{key}")
+    for key, values in grid_values.items():
+        for index, item in enumerate(values):
+            _check(base, {**fixed, key: item}, f"grid.{key}[{index}]")
+    for index, extra in enumerate(extras):
+        for key, value in extra.items():
+            _check(base, {**fixed, key: value}, f"extra_trials[{index}].{key}")
 
 
 def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpace:
     """Parse and fully validate a sweep space; raises :class:`ConfigError` with a one-line message."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: sweep space file not found")
+        raise ConfigError(str(path), "sweep space file not found")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        raise ConfigError(f"{path}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML") from None
+        raise ConfigError(None, f"{path}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sweep settings")
+        raise ConfigError(str(path), "expected a mapping of sweep settings")
     for key in data:
         if key not in TOP_LEVEL:
             _unknown("", key, TOP_LEVEL)
@@ -155,16 +165,14 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
             )
     run_config_path = path.parent / run_config
     try:
-        load_run_config(run_config_path)
-        base = yaml.safe_load(run_config_path.read_text()) or {}
+        base = read_config_file(run_config_path)
+        load_run_config_dict(base)
     except ConfigError as error:
-        raise ConfigError(f"run_config ({run_config_path}): {error}") from None
+        raise ConfigError(f"run_config ({run_config_path})", str(error)) from None
 
     fixed = data.get("fixed") or {}
     if not isinstance(fixed, dict):
         _fail("fixed", "expected a mapping of config paths to values")
-    for key, value in fixed.items():
-        _check(base, {key: value}, f"fixed.{key}")
 
     seeds = data.get("seeds", [0])
     if (
@@ -192,24 +200,24 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
             continue
         if not isinstance(value, list) or not value:
             _fail(key_path, "expected a non-empty list of values")
-        for index, item in enumerate(value):
-            _check(base, {**fixed, key: item}, f"{key_path}[{index}]")
         grid_values[key] = value
 
     extras = data.get("extra_trials") or []
     if not isinstance(extras, list) or not all(isinstance(e, dict) for e in extras):
         _fail("extra_trials", "expected a list of mappings of config overrides")
-    for index, extra in enumerate(extras):
-        for key, value in extra.items():
-            _check(base, {**fixed, key: value}, f"extra_trials[{index}].{key}")
 
     combos = [dict(zip(grid_values, values, strict=True)) for values in itertools.product(*grid_values.values())]
     if not grid_values:
         combos = [{}] if not extras else []
     trials = [{**combo, "seed": seed} for combo in combos for seed in seeds]
     trials += [{**extra, "seed": seed} for extra in extras for seed in seeds]
-    for index, trial in enumerate(trials):  # combinations can be invalid together
-        _check(base, {**fixed, **trial}, f"grid (trial {index}: {trial})")
+    configs = []
+    for index, trial in enumerate(trials):
+        try:
+            configs.append(load_run_config_dict(base, {**fixed, **trial}))
+        except ConfigError as error:
+            _culprit(base, fixed, grid_values, extras)
+            _fail(f"grid (trial {index}: {trial})", error.reason)  # the values are invalid only together
 
     objective = data.get("objective") or {}
     metric, mode = objective.get("metric", "avg_acc"), objective.get("mode", "max")
@@ -227,8 +235,8 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
 
     if scheduler.get("type") == "asha" and (metric.startswith("gen_") or metric == "inter_modal_forgetting"):
         # ASHA compares trials on the objective after every task: it must exist at every stage.
-        for index, trial in enumerate(trials):
-            if load_run_config_dict_from(base, {**fixed, **trial}).eval.generation != "every_stage":
+        for index, config in enumerate(configs):
+            if config.eval.generation != "every_stage":
                 _fail(
                     "scheduler.type",
                     f"asha ranks trials by {metric} after every task, but trial {index} scores generation "
@@ -250,8 +258,7 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
     if not isinstance(num_samples, int) or num_samples <= 0:
         _fail("num_samples", f"expected a positive integer, got {num_samples!r}")
 
-    sample = load_run_config_dict_from(base, {**fixed, **(trials[0] if trials else {})})
-    cpus_per_trial = sample.resources.cpus_per_worker * sample.resources.num_workers
+    cpus_per_trial = configs[0].resources.cpus_per_worker * configs[0].resources.num_workers
     cpus = cpus_available if cpus_available is not None else os.cpu_count() or 1
     if cpus_per_trial > cpus:
         _fail(
@@ -275,6 +282,7 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
         base=base,
         fixed=fixed,
         trials=trials,
+        configs=configs,
         distributions=distributions,
         objective_metric=metric,
         objective_mode=mode,
@@ -284,24 +292,6 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
         max_concurrent_trials=concurrency,
         checkpoints_to_mlflow=checkpoints,
     )
-
-
-def _is_int_field(key: str) -> bool:
-    """Whether a dotted config path names an integer field (e.g. method.r)."""
-    import dataclasses
-
-    cls: Any = RunConfig
-    for part in key.split("."):
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in fields:
-            return False
-        annotation = str(fields[part].type)
-        nested = fields[part].default_factory if fields[part].default_factory is not dataclasses.MISSING else None
-        if nested is not None and dataclasses.is_dataclass(nested):
-            cls = nested
-            continue
-        return annotation.split("|")[0].strip() == "int"
-    return False
 
 
 def _check_distribution(base, fixed, key: str, kind: str, args: Any, path: str) -> None:
@@ -316,7 +306,7 @@ def _check_distribution(base, fixed, key: str, kind: str, args: Any, path: str) 
     low, high = args
     if not low < high or not all(math.isfinite(a) for a in args):
         _fail(path, f"expected low < high, got {args}")
-    if kind in ("loguniform", "uniform") and _is_int_field(key):
+    if kind in ("loguniform", "uniform") and field_type(RunConfig, key) is int:
         _fail(path, f"{key} takes integers: use {{randint: [low, high_exclusive]}} or {{choice: [...]}}")
     if kind == "loguniform" and low <= 0:
         _fail(path, f"loguniform needs low > 0, got {low}")

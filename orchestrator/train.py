@@ -1,71 +1,112 @@
-"""Run one task sequence on Ray Train (``mode-cl run``'s default path).
+"""``mode-cl run``: one task sequence, in this process (``--no-ray``) or on Ray Train.
 
-The driver prepares data and the base model once (both cached in the work dir), then starts a
-``TorchTrainer`` whose workers run :func:`trainables.worker.train_fn_per_worker`. The run's
-identity is ``(storage, name)``: launching the same name and storage again after an
-interruption makes Ray Train hand the workers the newest checkpoint, so the sequence continues
-where it stopped. ``results.json`` is rebuilt from the final checkpoint, exactly as the in-process
-path builds it.
+:func:`run` refuses to resume a run written with another config, then runs it. On Ray, the
+driver prepares data and the base model once (both cached in the work dir), then starts the
+``TorchTrainer`` that :func:`torch_trainer` builds (for sweep trials too), whose workers run
+:func:`trainables.worker.train_fn_per_worker`. The run's identity is ``(storage, name)``:
+launching the same name and storage again after an interruption makes Ray Train hand the workers
+the newest checkpoint, so the sequence continues where it stopped. ``results.json`` is rebuilt
+from the final checkpoint, exactly as the in-process path builds it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from trainables.base_model import pretrain_base
+from orchestrator.ray_runtime import init_ray
+from trainables.benchmarks import prepare
 from trainables.checkpoint import latest_good, list_checkpoints
-from trainables.config import RunConfig
-from trainables.engine import Log, prepare_data, results_from_progress, write_results
+from trainables.config import RunConfig, config_diff
+from trainables.errors import UserError
+
+if TYPE_CHECKING:
+    from trainables.worker import LoopConfig
+from trainables.results import results_from_progress, write_results
+from trainables.run_context import Log
 
 
 def default_run_name(config: RunConfig) -> str:
     return f"{config.method.name}-{config.config_hash()}"
 
 
-# Sweep trial drivers reserve a sliver of this custom resource instead of CPU: a fractional CPU per
-# driver leaves e.g. 0.98 of the second core free, so a second 1-CPU Train worker never fits.
-# cluster.yaml gives the head node TRAIN_DRIVER, which also keeps drivers off preemptible workers.
-DRIVER_RESOURCE = "TRAIN_DRIVER"
+def run(
+    config: RunConfig,
+    work_dir: Path,
+    *,
+    name: str | None = None,
+    out: Path | None = None,
+    storage: str | None = None,
+    address: str | None = None,
+    in_process: bool = False,
+    log: Log = print,
+) -> tuple[dict[str, Any], Path]:
+    """``mode-cl run``: the sequence in this process or on Ray Train; (results, results directory).
+
+    A run resumes when its checkpoints exist (``--out`` in process, ``storage/name`` on Ray), and
+    is refused before anything starts if they were written with a different config."""
+    work_dir = Path(work_dir).resolve()
+    name = name or default_run_name(config)
+    out = Path(out) if out else work_dir / "runs" / name
+    storage = storage or str(work_dir / "ray_results")
+    if in_process:
+        from trainables.engine import run_sequence
+
+        refuse_changed_config(out / "checkpoints", config, name)
+        return run_sequence(config, work_dir, out, log=log), out
+    refuse_changed_config(Path(storage) / name if "://" not in storage else None, config, name)
+    return run_with_ray(config, work_dir, out, name, storage, address, log=log), out
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join ``address`` or start a local Ray with the dashboard bound to 127.0.0.1 (the dashboard
-    process is what frees the placement groups of stopped trials)."""
-    import ray
-
-    if ray.is_initialized():
+def refuse_changed_config(checkpoints: Path | None, config: RunConfig, name: str) -> None:
+    """Resuming a run whose stored config differs would mix two experiments: refuse, with the diff
+    (the newest readable checkpoint decides)."""
+    for directory in reversed(list_checkpoints(checkpoints) if checkpoints else []):
+        try:
+            stored = json.loads((directory / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if stored.get("config_hash") != config.config_hash():
+            raise UserError(
+                f"run {name!r} already exists with a different config "
+                f"({config_diff(stored['config'], config.to_dict())}); "
+                "rerun it unchanged to resume, or pick another --name/--out"
+            )
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if address:
-        _token_auth_for_explicit_address(address)
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(
-            num_cpus=num_cpus,
-            resources={DRIVER_RESOURCE: 1.0},
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            log_to_driver=True,
-        )
 
 
-def _token_auth_for_explicit_address(address: str) -> None:
-    """Ray sends its auth token only when it finds the cluster itself (``auto``); given an explicit
-    ``HOST:PORT`` it connects without one unless RAY_AUTH_MODE=token, and a token-protected cluster
-    (Ray's default) then answers "Authentication token is missing" for 20 s. With a token available
-    (``~/.ray/auth_token``, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) we present it, as ``auto`` would."""
-    if address == "auto" or "RAY_AUTH_MODE" in os.environ:
-        return
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
-        os.environ["RAY_AUTH_MODE"] = "token"
-        try:  # Ray caches its config at import: refresh it, as Ray's own `auto` path does
-            from ray._private.authentication.authentication_token_setup import _enable_token_auth
-        except ImportError:
-            return
-        _enable_token_auth()
+def torch_trainer(
+    config: RunConfig, loop: LoopConfig, name: str, storage: str, callbacks: list[Any] | None = None
+) -> Any:
+    """The ``TorchTrainer`` of one run (``mode-cl run``, or one sweep trial with Tune's callback):
+    workers and resources from ``config.resources``, identity ``(storage, name)``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from trainables.worker import train_fn_per_worker
+
+    resources = config.resources
+    per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=loop.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources.num_workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            callbacks=callbacks,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep or None),
+            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
+            # Workers may run in a Ray started before this call; pass our own settings explicitly.
+            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("MODE_CL_")}},
+        ),
+    )
 
 
 def run_with_ray(
@@ -77,41 +118,16 @@ def run_with_ray(
     address: str | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from trainables.worker import train_fn_per_worker
+    from trainables.worker import LoopConfig
 
     work_dir = Path(work_dir).resolve()
-    if config.coin is None:  # the digits benchmark: data and base model built once, here
-        pretrain_base(config.base, config.data, prepare_data(config, work_dir), work_dir)
+    prepare(config, work_dir)  # e.g. the digits data and base model, built once here for every worker
     local_run_dir = Path(storage) / name if "://" not in storage else None
     if local_run_dir is not None and list_checkpoints(local_run_dir):
         log(f"run {name!r} already has checkpoints in {local_run_dir}: resuming it instead of starting over")
     init_ray(address)
-    resources = config.resources
-    per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
-    if resources.use_gpu:
-        per_worker["GPU"] = resources.gpus_per_worker
-    trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={
-            "config": config.to_dict(),
-            "work_dir": str(work_dir),
-            "run_dir": str(local_run_dir.resolve()) if local_run_dir is not None else None,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=resources.num_workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep or None),
-            failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
-            # Workers may run in a Ray started before this call; pass our own settings explicitly.
-            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("MODE_CL_")}},
-        ),
-    )
+    run_dir = str(local_run_dir.resolve()) if local_run_dir is not None else None
+    trainer = torch_trainer(config, LoopConfig(config.to_dict(), str(work_dir), run_dir), name, storage)
     result = trainer.fit()
     if result.error is not None:
         raise result.error

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainables.tiny import TinyChameleonConfig, build_tiny_chameleon, make_vocabulary_map
+from trainables.benchmarks.digits.tiny import TinyChameleonConfig, build_tiny_chameleon, make_vocabulary_map
 from trainables.vocab import TokenIds
 
 WORDS = ("what", "digit", "is", "this", "draw", "zero", "one", "two", "three", "even", "odd")

@@ -17,17 +17,23 @@ from PIL import Image
 
 from orchestrator.cli import main
 from trainables.batching import SampleSet
-from trainables.chameleon import (
+from trainables.benchmarks.coin.chameleon import (
     ChameleonShape,
     build_real_layout_chameleon,
     image_processor_for,
     load_chameleon,
     save_model_dir,
 )
-from trainables.coin_eval import greedy_decode
-from trainables.coin_scoring import exact_match, imagenet_correct, is_correct, parse_options, scienceqa_correct
+from trainables.benchmarks.coin.decoding import greedy_decode
+from trainables.benchmarks.coin.scoring import (
+    exact_match,
+    imagenet_correct,
+    is_correct,
+    parse_options,
+    scienceqa_correct,
+)
+from trainables.benchmarks.coin.store import read_split
 from trainables.config import RunConfig, load_run_config, load_run_config_dict
-from trainables.data.coin import read_split
 from trainables.engine import run_sequence
 from trainables.methods import build_method
 from trainables.mode import record_routing

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from trainables.chameleon import build_real_layout_chameleon, load_chameleon, save_model_dir
-from trainables.coin_eval import CoinBenchmark
+from trainables.benchmarks.coin.benchmark import CoinBenchmark
+from trainables.benchmarks.coin.chameleon import build_real_layout_chameleon, load_chameleon, save_model_dir
 from trainables.config import load_run_config_dict
-from trainables.engine import Distributed
+from trainables.distributed import Distributed
 from trainables.methods import build_method
 from trainables.vocab import TokenIds
 
@@ -38,7 +38,7 @@ def setup(tmp_path_factory) -> dict:
     from orchestrator.cli import main
     from tests.test_coin import SEPARATOR, SHAPE, _sqa, _write_image
     from tests.test_t2i import TINY, TOKENS, _tiny_clip_dir, _write_yaml
-    from trainables.vqgan import VQGANDecoder
+    from trainables.benchmarks.coin.vqgan import VQGANDecoder
 
     root = tmp_path_factory.mktemp("sharded")
     model, tokenizer = build_real_layout_chameleon(SHAPE, vq_resolution=16, seed=0)

@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from trainables.data.digits import SCHEMA, DigitsConfig, build_digits, read_tasks, split_indices, vocabulary
-from trainables.data.tokenizers import PixelQuantizer, WordTokenizer
-from trainables.tiny import make_vocabulary_map
+from trainables.benchmarks.digits.data import SCHEMA, DigitsConfig, build_digits, read_tasks, split_indices, vocabulary
+from trainables.benchmarks.digits.tiny import make_vocabulary_map
+from trainables.benchmarks.digits.tokenizers import PixelQuantizer, WordTokenizer
 from trainables.vocab import TokenIds
 
 SMALL = DigitsConfig(task_train=40, task_test=20)
@@ -79,8 +79,8 @@ def test_wrong_schema_is_refused(tmp_path):
 
 
 def test_base_model_cache_key_changes_with_config_data_and_code(monkeypatch):
-    from trainables import base_model
-    from trainables.config import BaseModelConfig
+    from trainables.benchmarks.digits import base_model
+    from trainables.benchmarks.digits.config import BaseModelConfig
 
     key = base_model.base_key(BaseModelConfig(), SMALL)
     assert base_model.base_key(BaseModelConfig(), SMALL) == key

@@ -8,9 +8,9 @@ import shutil
 
 from orchestrator.cli import main
 from tests.conftest import MICRO_RUN
-from trainables.checkpoint import list_checkpoints, read_checkpoint
+from trainables.checkpoint import LocalCheckpointer, list_checkpoints, read_checkpoint
 from trainables.config import load_run_config
-from trainables.engine import LocalCheckpointer, run_sequence
+from trainables.engine import run_sequence
 
 
 def test_num_to_keep_and_gc_keep_exactly_what_resume_and_results_need(tmp_path, capsys):

@@ -33,7 +33,7 @@ def test_method_trains_and_its_loss_goes_down(name, make_model, ids, seq):
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     losses = []
     for _ in range(20):
-        terms = method.loss_terms(model, batch, stream)
+        terms = method.loss_terms(model, batch, stream=stream)
         assert ("kd" in terms) == (name == "mode")
         loss = sum(terms.values())
         optimizer.zero_grad()
@@ -50,7 +50,7 @@ def test_unknown_method_suggests_the_closest_name(ids):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"kd_weight": -0.1}, "kd_weight"), ({"kd_weight": float("nan")}, "kd_weight"), ({"r": 0}, "r must be")],
+    [({"kd_weight": -0.1}, "kd_weight"), ({"kd_weight": float("nan")}, "kd_weight"), ({"r": 0}, "r: must be > 0")],
 )
 def test_bad_hyper_parameters_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -30,7 +30,7 @@ def comparable(results):
 def ray_session():
     import ray
 
-    from orchestrator.train import init_ray
+    from orchestrator.ray_runtime import init_ray
 
     init_ray(None, num_cpus=2)
     yield

@@ -26,12 +26,12 @@ def test_embedded_mlflow_binds_loopback_with_a_host_allow_list(tmp_path):
 def test_local_ray_dashboard_binds_loopback_and_auth_is_never_disabled(monkeypatch):
     import ray
 
-    from orchestrator import train
+    from orchestrator import ray_runtime
 
     captured = {}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: captured.update(kwargs))
-    train.init_ray(None)
+    ray_runtime.init_ray(None)
     assert captured["dashboard_host"] == "127.0.0.1" and captured["include_dashboard"] is True
     tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True).stdout.split()
     for name in tracked:  # code and configs (the docs mention the setting to say it is never used)

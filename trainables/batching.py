@@ -1,12 +1,41 @@
-"""Turning Parquet rows into padded batches."""
+"""Turning Parquet rows into padded batches, and the batch types methods train on."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from trainables.methods import Batch, StreamBatch
+
+@dataclass
+class Batch:
+    """A padded batch of task samples. ``is_generation[b]``: sample b's answer is an image."""
+
+    input_ids: torch.Tensor  # [B, S]
+    attention_mask: torch.Tensor  # [B, S]
+    is_generation: torch.Tensor  # [B] bool
+
+
+@dataclass
+class StreamBatch:
+    """A batch of the image-generation distillation stream (image spans only).
+
+    ``teacher_logits`` (optional, from :mod:`trainables.teacher_cache`) are the frozen base model's
+    image-vocabulary logits for these positions; ``teacher_index`` says which image-vocabulary
+    entries they are when the cache holds only the teacher's top-K. Without them the teacher runs live.
+    """
+
+    input_ids: torch.Tensor  # [B, S]
+    attention_mask: torch.Tensor  # [B, S]
+    teacher_logits: torch.Tensor | None = None  # [B, S, K] fp32
+    teacher_index: torch.Tensor | None = None  # [B, S, K] positions in the image vocabulary
+
+
+def to_device(batch, device: torch.device):
+    """A copy of ``batch`` (any of the dataclasses above) with every tensor on ``device``."""
+    return dataclasses.replace(batch, **{k: v.to(device) for k, v in vars(batch).items() if v is not None})
 
 
 def pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

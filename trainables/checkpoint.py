@@ -174,3 +174,23 @@ def prune(root: Path, keep: int) -> None:
         return
     for directory in list_checkpoints(root)[:-keep]:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+class LocalCheckpointer:
+    """Checkpoints in a local (or shared) directory; used by ``--no-ray`` and the tests."""
+
+    def __init__(self, root: Path, num_to_keep: int = 2, log: Callable[[str], None] = print) -> None:
+        self.root, self.num_to_keep, self.log = Path(root), num_to_keep, log
+
+    def restore(self) -> LoadedCheckpoint | None:
+        return latest_good(list_checkpoints(self.root), warn=lambda m: self.log(f"[yellow]warning:[/] {m}"))
+
+    def save(
+        self,
+        progress: Progress,
+        save_adapter: Callable[[Path], Any],
+        optimizer_state: dict[str, Any] | None,
+        metrics: dict[str, Any],
+    ) -> None:
+        write_checkpoint(self.root / progress.name, progress, save_adapter, optimizer_state)
+        prune(self.root, self.num_to_keep)

@@ -75,7 +75,7 @@ def resource_plan(config: RunConfig) -> dict[str, Any]:
     from transformers import ChameleonForConditionalGeneration
 
     if config.coin is not None:
-        from trainables.chameleon import load_model_config, tokens_per_image
+        from trainables.benchmarks.coin.chameleon import load_model_config, tokens_per_image
 
         model_config, source = load_model_config(config.coin.model, "coin.model")
         ids = TokenIds.from_vocabulary_map(
@@ -84,8 +84,8 @@ def resource_plan(config: RunConfig) -> dict[str, Any]:
         dtype, seq_len, checkpointing = config.coin.dtype, config.coin.max_length, config.coin.gradient_checkpointing
         stream_len = tokens_per_image(model_config) + 2
     else:
-        from trainables.data.digits import vocabulary
-        from trainables.tiny import TinyChameleonConfig, build_tiny_chameleon
+        from trainables.benchmarks.digits.data import vocabulary
+        from trainables.benchmarks.digits.tiny import TinyChameleonConfig, build_tiny_chameleon
 
         base = config.base
         arch = TinyChameleonConfig(
@@ -151,7 +151,7 @@ def steps_per_task(config: RunConfig) -> dict[str, int | None]:
         return {task: epochs * math.ceil(config.data.task_train / batch) for task in config.tasks}
     from pathlib import Path
 
-    from trainables.data.coin import MANIFEST, read_manifest
+    from trainables.benchmarks.coin.store import MANIFEST, read_manifest
 
     manifest = read_manifest(config.coin.data_dir) if (Path(config.coin.data_dir) / MANIFEST).is_file() else {}
     steps: dict[str, int | None] = {}

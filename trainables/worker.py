@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,46 @@ from trainables.config import load_run_config_dict
 from trainables.tracking import TrialTracker
 
 KILL_AT_ENV = "MODE_CL_FAULT_KILL_AT"  # "task:step:marker" — fault injection for the resume tests
+
+
+@dataclass(frozen=True)
+class TrialTracking:
+    """Where rank 0 logs a sweep trial: its MLflow child run under the sweep's parent run."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    trial_id: str
+    trial_name: str
+    checkpoints: str  # all | final | none: task checkpoints logged as artifacts
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What every Train worker of one run gets. It crosses into Ray as a plain dict
+    (``train_loop_config`` is a dict in Ray's API): :meth:`to_dict` / :meth:`from_dict`.
+
+    Args:
+        config: ``RunConfig.to_dict()`` of the run.
+        work_dir: the data / base model / teacher cache directory.
+        run_dir: the run's storage directory on a filesystem (the restore source), else None.
+        tracking: the sweep trial's MLflow target; None for ``mode-cl run`` and untracked sweeps.
+        submitted_at: when the driver built the trainer (``time.time()``), for the worker-start time.
+    """
+
+    config: dict[str, Any]
+    work_dir: str
+    run_dir: str | None
+    tracking: TrialTracking | None = None
+    submitted_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoopConfig:
+        tracking = data.get("tracking")
+        return cls(**{**data, "tracking": TrialTracking(**tracking) if tracking else None})
 
 
 def flat_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +137,8 @@ def _fault_hook():
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     from trainables.engine import run_sequence  # here: the trial driver imports this module only to pass the function
 
-    config = load_run_config_dict(loop_config["config"])
+    loop = LoopConfig.from_dict(loop_config)
+    config = load_run_config_dict(loop.config)
     rank = ray.train.get_context().get_world_rank()
 
     def log(message: str) -> None:
@@ -107,30 +149,29 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             sys.stderr.flush()
 
     tracker = None
-    tracking = loop_config.get("tracking")
-    if tracking and rank == 0:
+    if loop.tracking is not None and rank == 0:
+        target = loop.tracking
         tracker = TrialTracker(
-            tracking["uri"],
-            tracking["experiment_id"],
-            tracking["parent_run_id"],
-            tracking["trial_id"],
-            tracking["trial_name"],
+            target.uri,
+            target.experiment_id,
+            target.parent_run_id,
+            target.trial_id,
+            target.trial_name,
             config.to_dict(),
-            tracking["checkpoints"],
+            target.checkpoints,
         )
-    run_dir = loop_config.get("run_dir")
     results = run_sequence(
         config,
-        Path(loop_config["work_dir"]),
+        Path(loop.work_dir),
         out_dir=None,
         log=log,
-        checkpointer=RayCheckpointer(log, run_dir, tracker, config.tasks),
+        checkpointer=RayCheckpointer(log, loop.run_dir, tracker, config.tasks),
         on_step=_fault_hook(),
     )
     profile = results["profile"]
-    if "submitted_at" in loop_config:
+    if loop.submitted_at is not None:
         # Ray Train worker-group start + imports, as seen from this attempt (restarts included).
-        profile["seconds"]["worker_start"] = round(profile["started_at"] - loop_config["submitted_at"], 3)
+        profile["seconds"]["worker_start"] = round(profile["started_at"] - loop.submitted_at, 3)
     if tracker is not None:
-        final = Path(run_dir) / f"ckpt_t{len(config.tasks):02d}_s000000" if run_dir else None
+        final = Path(loop.run_dir) / f"ckpt_t{len(config.tasks):02d}_s000000" if loop.run_dir else None
         tracker.finish(results, str(final) if final else None)

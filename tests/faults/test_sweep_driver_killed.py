@@ -88,10 +88,8 @@ def test_killed_sweep_driver_resumes_to_the_uninterrupted_results(tmp_path):
 
 REOPEN_IN_A_FRESH_PROCESS = """
 import sys, threading
-from pathlib import Path
-from orchestrator.sweep import RestoredSweep, parent_run_reopener
-sweep = RestoredSweep(Path("."), {"parent_run_id": sys.argv[2]}, None)
-reopen = parent_run_reopener(sweep, sys.argv[1])
+from orchestrator.sweep_tracking import ParentRun, parent_run_reopener
+reopen = parent_run_reopener(ParentRun(sys.argv[1], "", sys.argv[2]))
 before = set(sys.modules)
 watcher = threading.Thread(target=reopen)  # as mode-cl resume's server watcher calls it
 watcher.start()

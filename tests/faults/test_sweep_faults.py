@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.train import init_ray
+from orchestrator.ray_runtime import init_ray
 from tests.faults._helpers import (
     MODE_CL,
     RAY,
@@ -31,8 +31,8 @@ from tests.faults._helpers import (
     ray_temp_dir,
     wait_until,
 )
+from trainables.benchmarks.digits.tiny import TinyChameleonConfig, build_tiny_chameleon
 from trainables.mode import MoDEConfig, attach_mode, load_mode
-from trainables.tiny import TinyChameleonConfig, build_tiny_chameleon
 
 MICRO_RUN = """
 tasks: [parity, bigsmall]

@@ -1,18 +1,23 @@
-"""Continual-learning methods, selectable by name."""
+"""Continual-learning methods, selectable by name.
+
+Every module in this package is imported here, so a method is one file: a :class:`Method`
+subclass decorated with :func:`register_method`. See docs/ADDING_A_METHOD.md.
+"""
 
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
 from dataclasses import replace
 
-from trainables.methods.base import Batch, Method, MethodConfig, StreamBatch
-from trainables.methods.mode import MoDE, MoDENoKD
-from trainables.methods.moelora import MoELoRA
-from trainables.methods.seq_lora import SeqLoRA
-from trainables.methods.tmoe_only import TMoEOnly
+from trainables.batching import Batch, StreamBatch
+from trainables.methods.base import Method, MethodConfig
+from trainables.methods.registry import METHODS, register_method
 from trainables.vocab import TokenIds
 
-METHODS: dict[str, type[Method]] = {cls.NAME: cls for cls in (SeqLoRA, MoELoRA, MoDE, MoDENoKD, TMoEOnly)}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def build_method(config: MethodConfig | str, token_ids: TokenIds, **overrides) -> Method:
@@ -27,4 +32,4 @@ def build_method(config: MethodConfig | str, token_ids: TokenIds, **overrides) -
     return METHODS[config.name](config, token_ids)
 
 
-__all__ = ["METHODS", "Batch", "Method", "MethodConfig", "StreamBatch", "build_method"]
+__all__ = ["METHODS", "Batch", "Method", "MethodConfig", "StreamBatch", "build_method", "register_method"]

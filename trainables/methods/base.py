@@ -1,26 +1,45 @@
 """What every continual-learning method provides, and the shared MoDE-family implementation.
 
-A method is a small unit selected by name. Call order used by the engine:
-    ``attach(model)`` once → per step ``loss_terms(model, batch, stream)`` (the engine sums the
-    returned terms and back-propagates) → ``save(model, dir)`` / ``load(model, dir)`` at checkpoints.
-``teacher(model)`` is a context in which the model computes the frozen base model's outputs.
+A method is one class, selected by its ``NAME`` (registered with
+:func:`trainables.methods.registry.register_method`). The engine calls, in this order:
+
+    ``attach(model)`` once → ``setup(model, run)`` once (before any checkpoint is restored)
+    for each task: ``before_task(model, i, run)`` (only when the task starts, not when a run
+        resumes inside it) → per step ``extra_batches(model, i, step, run)`` → ``loss_terms(model,
+        batch, **extra)`` (the engine sums the returned terms and back-propagates) →
+        ``after_task(model, i, run)`` (before the task's evaluation and checkpoint)
+    at every checkpoint: ``save(model, dir)`` and ``state_dict()``; on restore ``load(model, dir)``
+        and ``load_state_dict(state)``.
+
+``trainable_parameters(model)`` is read at the start of every task (a method may add adapters per
+task). ``teacher(model)`` is a context in which the model computes the frozen base model's outputs.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from trainables.batching import Batch, StreamBatch, to_device
+from trainables.config_rules import ConfigError, check_fields, setting
 from trainables.losses import causal_lm_logits, kd_loss, task_loss
+from trainables.methods.registry import METHODS
 from trainables.mode import MoDEConfig, attach_mode, load_mode, route_as, save_mode, teacher_mode
+from trainables.run_context import RunContext
+from trainables.teacher_cache import TeacherCache, load_or_build, model_fingerprint
 from trainables.vocab import TokenIds
+
+
+def _target_modules(value: Any, path: str, data: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(path, "expected a non-empty list of module names, e.g. [gate_proj, up_proj]")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -39,31 +58,22 @@ class MethodConfig:
         lora_r: rank of ``seq_lora``'s single LoRA; default r·num_experts (same total rank as the T-MoE).
     """
 
-    name: str = "mode"
-    r: int = 8
-    num_experts: int = 4
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = field(default=("gate_proj", "up_proj", "down_proj"))
-    kd_weight: float = 0.3
-    kd_temperature: float = 2.0
-    kd_top_k: int | None = None
-    kd_teacher: str = "cached"
-    lora_r: int | None = None
+    name: str = setting("mode", choices=lambda: METHODS, noun="method")
+    r: int = setting(8, gt=0)
+    num_experts: int = setting(4, gt=0)
+    alpha: float = setting(16.0, gt=0)
+    dropout: float = setting(0.05, ge=0)
+    target_modules: tuple[str, ...] = setting(("gate_proj", "up_proj", "down_proj"), parse=_target_modules)
+    kd_weight: float = setting(0.3, ge=0)
+    kd_temperature: float = setting(2.0, gt=0)
+    kd_top_k: int | None = setting(None, gt=0)
+    kd_teacher: str = setting("cached", choices=("cached", "live"))
+    lora_r: int | None = setting(None, gt=0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if not math.isfinite(self.kd_weight) or self.kd_weight < 0:
-            raise ValueError(f"kd_weight (λ) must be a finite number ≥ 0, got {self.kd_weight!r}")
-        if not math.isfinite(self.kd_temperature) or self.kd_temperature <= 0:
-            raise ValueError(f"kd_temperature must be a positive number, got {self.kd_temperature!r}")
-        if self.kd_top_k is not None and self.kd_top_k <= 0:
-            raise ValueError(f"kd_top_k must be a positive integer or null, got {self.kd_top_k!r}")
-        if self.kd_teacher not in ("cached", "live"):
-            raise ValueError(f"kd_teacher must be 'cached' or 'live', got {self.kd_teacher!r}")
-        if self.lora_r is not None and self.lora_r <= 0:
-            raise ValueError(f"lora_r must be a positive integer or null, got {self.lora_r!r}")
-        self.mode_config()  # validates r, num_experts, alpha, dropout, target_modules
+        check_fields(self)
+        self.mode_config()  # what the adapter itself checks beyond the field rules (e.g. dropout < 1)
 
     def mode_config(self, **flags: bool) -> MoDEConfig:
         return MoDEConfig(
@@ -81,32 +91,9 @@ class MethodConfig:
         return data
 
 
-@dataclass
-class Batch:
-    """A padded batch of task samples. ``is_generation[b]``: sample b's answer is an image."""
-
-    input_ids: torch.Tensor  # [B, S]
-    attention_mask: torch.Tensor  # [B, S]
-    is_generation: torch.Tensor  # [B] bool
-
-
-@dataclass
-class StreamBatch:
-    """A batch of the image-generation distillation stream (image spans only).
-
-    ``teacher_logits`` (optional, from :mod:`trainables.teacher_cache`) are the frozen base model's
-    image-vocabulary logits for these positions; ``teacher_index`` says which image-vocabulary
-    entries they are when the cache holds only the teacher's top-K. Without them the teacher runs live.
-    """
-
-    input_ids: torch.Tensor  # [B, S]
-    attention_mask: torch.Tensor  # [B, S]
-    teacher_logits: torch.Tensor | None = None  # [B, S, K] fp32
-    teacher_index: torch.Tensor | None = None  # [B, S, K] positions in the image vocabulary
-
-
 class Method:
-    """Base class: subclasses set ``NAME`` and ``USES_KD`` and implement ``attach``/``teacher``/``save``/``load``."""
+    """Base class: subclasses set ``NAME`` (and ``USES_KD`` if they distil from the frozen base) and
+    implement ``attach``/``teacher``/``save``/``load``; every other hook has a neutral default."""
 
     NAME: ClassVar[str]
     USES_KD: ClassVar[bool] = False
@@ -127,18 +114,37 @@ class Method:
     def load(self, model: nn.Module, directory: str | Path) -> nn.Module:
         raise NotImplementedError
 
+    def setup(self, model: nn.Module, run: RunContext) -> None:
+        """Once per run, after ``attach``: build what every task shares (e.g. a teacher cache)."""
+
+    def before_task(self, model: nn.Module, task_index: int, run: RunContext) -> None:
+        """When task ``task_index`` starts (not when a run resumes inside it: restored state covers that)."""
+
+    def after_task(self, model: nn.Module, task_index: int, run: RunContext) -> None:
+        """When task ``task_index``'s last step is done, before its evaluation and checkpoint."""
+
+    def extra_batches(self, model: nn.Module, task_index: int, step: int, run: RunContext) -> dict[str, Any]:
+        """Inputs beyond the task batch for optimizer step ``step`` (passed to :meth:`loss_terms` as
+        keyword arguments). Draw randomness from ``run.generator(task_index, step, …)`` so a resumed
+        run draws the same, and take this rank's share with ``run.dist.shard``."""
+        return {}
+
+    def loss_terms(self, model: nn.Module, batch: Batch, **extra: Any) -> dict[str, torch.Tensor]:
+        """Loss terms of one step, already weighted; the engine back-propagates their sum."""
+        return {"task": task_loss(model, batch.input_ids, batch.attention_mask, batch.is_generation, self.token_ids)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """State beyond the adapter weights that a resumed run needs (e.g. a replay buffer): tensors,
+        numbers, strings, lists and dicts of them; written with every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"method {self.NAME!r} keeps no state, but the checkpoint holds {sorted(state)}")
+
     def trainable_parameters(self, model: nn.Module) -> Iterator[nn.Parameter]:
         return (p for p in model.parameters() if p.requires_grad)
-
-    def loss_terms(self, model: nn.Module, batch: Batch, stream: StreamBatch | None = None) -> dict[str, torch.Tensor]:
-        """Loss terms of one step, already weighted; the engine back-propagates their sum."""
-        terms = {"task": task_loss(model, batch.input_ids, batch.attention_mask, batch.is_generation, self.token_ids)}
-        if self.USES_KD and stream is not None and self.config.kd_weight > 0:
-            terms["kd"] = self.config.kd_weight * self.distillation(model, stream)
-        return terms
-
-    def distillation(self, model: nn.Module, stream: StreamBatch) -> torch.Tensor:
-        raise NotImplementedError(f"{self.NAME} does not distil")
 
 
 class MoDEFamily(Method):
@@ -147,9 +153,59 @@ class MoDEFamily(Method):
     IMAGE_ADAPTER: ClassVar[bool] = True
     EXPERTS_ON_IMAGE_TOKENS: ClassVar[bool] = False
 
+    def __init__(self, config: MethodConfig, token_ids: TokenIds) -> None:
+        super().__init__(config, token_ids)
+        self._base_fingerprint: str | None = None
+        self._teacher_cache: TeacherCache | None = None
+
+    @property
+    def uses_teacher_cache(self) -> bool:
+        return self.USES_KD and self.config.kd_teacher == "cached" and self.config.kd_weight > 0
+
     def attach(self, model: nn.Module) -> nn.Module:
+        if self.uses_teacher_cache:  # the cache is keyed by the frozen base model, before adapters exist
+            self._base_fingerprint = model_fingerprint(model)
         flags = {"image_adapter": self.IMAGE_ADAPTER, "experts_on_image_tokens": self.EXPERTS_ON_IMAGE_TOKENS}
         return attach_mode(model, self.config.mode_config(**flags), self.token_ids)
+
+    def setup(self, model: nn.Module, run: RunContext) -> None:
+        """With a cached teacher: read (or compute once) the frozen base model's logits on the
+        benchmark's distillation stream, shared by every task and every trial of this base model."""
+        if self._base_fingerprint is None:
+            return
+        with run.timer("teacher_cache"):
+            self._teacher_cache = load_or_build(
+                Path(run.work_dir) / "teacher_cache",
+                self._base_fingerprint,
+                run.bench.stream,
+                int(self.token_ids.image_vocab_mask().sum()),
+                self.config.kd_top_k,
+                lambda ids, mask: self.teacher_logits(model, ids, mask),
+                run.device,
+                run.log,
+            )
+
+    def extra_batches(self, model: nn.Module, task_index: int, step: int, run: RunContext) -> dict[str, Any]:
+        """The distillation batch: as many stream samples as the task batch, drawn with replacement."""
+        if not self.USES_KD:
+            return {}
+        stream = run.bench.stream
+        picks = torch.randint(len(stream), (run.config.train.batch_size,), generator=run.generator(task_index, step, 1))
+        mine = run.dist.shard(picks.tolist())
+        batch = stream.stream_batch_of(mine)
+        if self._teacher_cache is not None:
+            width = batch.input_ids.shape[1]
+            batch.teacher_logits, batch.teacher_index = self._teacher_cache.batch(mine, width)
+        return {"stream": to_device(batch, run.device)}
+
+    def loss_terms(
+        self, model: nn.Module, batch: Batch, stream: StreamBatch | None = None, **extra: Any
+    ) -> dict[str, torch.Tensor]:
+        """The task loss, plus λ·KD on the image stream when the method distils."""
+        terms = super().loss_terms(model, batch, **extra)
+        if self.USES_KD and stream is not None and self.config.kd_weight > 0:
+            terms["kd"] = self.config.kd_weight * self.distillation(model, stream)
+        return terms
 
     def teacher(self, model: nn.Module) -> AbstractContextManager:
         return teacher_mode(model)

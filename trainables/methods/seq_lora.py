@@ -9,8 +9,10 @@ from torch import nn
 
 from trainables.adapter_io import assign_strict, compare_configs, read_adapter, save_adapter
 from trainables.methods.base import Method
+from trainables.methods.registry import register_method
 
 
+@register_method
 class SeqLoRA(Method):
     NAME = "seq_lora"
 

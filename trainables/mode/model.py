@@ -11,7 +11,7 @@ from torch import nn
 from trainables.mode.config import MoDEConfig
 from trainables.mode.layer import MoDELinear
 from trainables.mode.routing import RoutingState
-from trainables.vocab import TokenIds
+from trainables.vocab import ImageTokenIds
 
 
 def find_decoder(model: nn.Module) -> nn.Module:
@@ -24,7 +24,9 @@ def find_decoder(model: nn.Module) -> nn.Module:
     )
 
 
-def attach_mode(model: nn.Module, config: MoDEConfig | None = None, token_ids: TokenIds | None = None) -> nn.Module:
+def attach_mode(
+    model: nn.Module, config: MoDEConfig | None = None, token_ids: ImageTokenIds | None = None
+) -> nn.Module:
     """Freeze ``model`` and wrap every target linear with a :class:`MoDELinear`; returns ``model``.
 
     Routing is derived on every forward from ``input_ids`` (ids from ``config.vocabulary_map``).
@@ -33,7 +35,7 @@ def attach_mode(model: nn.Module, config: MoDEConfig | None = None, token_ids: T
     config = config or MoDEConfig()
     if mode_layers(model):
         raise ValueError("MoDE adapters are already attached to this model; attach to a fresh base model")
-    token_ids = token_ids or TokenIds.from_model(model)
+    token_ids = token_ids or ImageTokenIds.from_model(model)
     decoder = find_decoder(model)
     for parameter in model.parameters():
         parameter.requires_grad_(False)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainables.vocab import TokenIds
+from trainables.vocab import ImageTokenIds
 
 
 def image_token_mask(
@@ -55,7 +55,7 @@ class RoutingState:
     bypasses every adapter; ``override`` forces all tokens to one modality or to a given mask.
     """
 
-    token_ids: TokenIds
+    token_ids: ImageTokenIds
     teacher: bool = False
     override: str | torch.Tensor | None = None
     image_mask: torch.Tensor | None = None

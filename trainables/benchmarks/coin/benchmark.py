@@ -4,7 +4,7 @@
 ``train_set(task)``, ``stream`` (image-only distillation sequences) and ``evaluate(model, stage)``
 → (answer accuracy per task, generation scores). Answers are decoded greedily over the text
 vocabulary (image codebook masked, as the paper's text inference) until end-of-sequence or
-``coin.max_new_tokens``, then scored with :mod:`trainables.coin_scoring`.
+``coin.max_new_tokens``, then scored with :mod:`trainables.benchmarks.coin.scoring`.
 
 Generation scores on the held-out generation split, always (teacher-forced, no sampling):
 ``nll`` — mean image-token NLL over the image span (begin-image … end-image) given the caption;
@@ -13,11 +13,11 @@ vocabulary), higher is better, so ``inter_modal_forgetting`` = its drop from the
 
 Sampled text-to-image scores, when ``coin.vqgan`` and ``coin.clip_model`` are set (the paper's
 inter-modal columns): for up to ``coin.t2i_prompts`` held-out captions, an image is sampled from
-``<s> caption <sep> begin-image`` (:func:`trainables.t2i.sample_image_tokens`: 1,024 codebook
+``<s> caption <sep> begin-image`` (:func:`trainables.benchmarks.coin.t2i.sample_image_tokens`: 1,024 codebook
 tokens for the 7B model, ``do_sample`` with ``coin.t2i_temperature``/``t2i_top_k``, seed
 ``coin.t2i_seed``; MoDE routes the caption to the T-MoE and the image tokens to the V-Adapter, as
-in training), decoded to pixels by Chameleon's VQGAN decoder (:mod:`trainables.vqgan`) and scored
-with CLIP (:mod:`trainables.clip_scores`):
+in training), decoded to pixels by Chameleon's VQGAN decoder (:mod:`trainables.benchmarks.coin.vqgan`) and scored
+with CLIP (:mod:`trainables.benchmarks.coin.clip_scores`):
 ``text_align`` ↑ — cosine of each image's CLIP embedding with its caption's;
 ``image_align`` ↑ — mean cosine of each image to every reference image;
 ``fd_clip`` ↓ — Fréchet distance of CLIP image embeddings, generated vs reference (not Inception FID).
@@ -26,7 +26,7 @@ held-out generation images' own tokens. ``frechet`` is ``fd_clip`` when these sc
 NaN otherwise: transformers' ``ChameleonVQVAE`` has no decoder (the HF checkpoints hold the encoder
 only), so pixels need Meta's separate VQGAN checkpoint.
 
-Sharded evaluation (``SHARDED_EVAL``): with ``resources.num_workers > 1`` the engine calls
+Sharded evaluation (``sharded_eval``): with ``resources.num_workers > 1`` the engine calls
 ``evaluate(..., dist=Distributed())`` on every rank, and each rank does an interleaved share
 (``dist.shard``) of every part: the greedy answers of each task's test prompts (per-sample hits
 gathered in order), the teacher-forced image-token scores (``(nll_sum, correct, count)`` gathered),
@@ -40,145 +40,32 @@ explicit positions, so a prompt's tokens do not depend on its batch).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
 
 from trainables.batching import SampleSet
-from trainables.chameleon import tokens_per_image
-from trainables.coin_scoring import is_correct
-from trainables.config import RunConfig
-from trainables.data.coin import (
+from trainables.benchmarks.coin.chameleon import load_chameleon, tokens_per_image
+from trainables.benchmarks.coin.decoding import greedy_decode
+from trainables.benchmarks.coin.records import CoinInputError
+from trainables.benchmarks.coin.scoring import is_correct
+from trainables.benchmarks.coin.sharding import gather, in_order, model_device, rows_in_order, shard_indices
+from trainables.benchmarks.coin.store import (
     GENERATION,
-    CoinInputError,
     check_manifest_vocabulary,
     read_manifest,
     read_split,
     vocabulary_hash,
 )
+from trainables.config import RunConfig
 from trainables.losses import answer_labels, unwrap
+from trainables.mode.checkpointing import enable_activation_checkpointing
 from trainables.vocab import TokenIds
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _shard(dist, count: int) -> list[int]:
-    """This rank's share of ``range(count)`` (all of it without ``dist``)."""
-    indices = list(range(count))
-    return indices if dist is None else dist.shard(indices)
-
-
-def _gather(dist, value: Any) -> list[Any]:
-    """``value`` from every rank, in rank order (``[value]`` without a process group)."""
-    if dist is None or dist.world == 1:
-        return [value]
-    out: list[Any] = [None] * dist.world
-    torch.distributed.all_gather_object(out, value)
-    return out
-
-
-def _in_order(dist, count: int, indices: list[int], values: list) -> list:
-    """The full list of ``count`` values from every rank's ``(indices, values)`` share."""
-    if dist is None or dist.world == 1:
-        return list(values)
-    full: list = [None] * count
-    for shard, part in _gather(dist, (indices, list(values))):
-        for index, value in zip(shard, part, strict=True):
-            full[index] = value
-    return full
-
-
-def _rows_in_order(dist, count: int, indices: list[int], rows: torch.Tensor) -> torch.Tensor:
-    """The ``[count, D]`` CPU tensor whose rows ``indices`` each rank holds as ``rows``."""
-    if dist is None or dist.world == 1:
-        return rows
-    parts = _gather(dist, (indices, rows.detach().cpu()))
-    full = parts[0][1].new_empty((count, parts[0][1].shape[1]))
-    for shard, part in parts:
-        if shard:
-            full[torch.tensor(shard, dtype=torch.long)] = part
-    return full
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad so every prompt ends at the last column: (input_ids, attention_mask)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, width - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, width - len(sequence) :] = 1
-    return ids, mask
-
-
-class CachedDecoding:
-    """Token-by-token continuation of a batch of prompts with a KV cache. Prompts are left-padded
-    with explicit positions, so a prompt continues the same in any batch. Used by greedy answers
-    here and by text-to-image sampling (:mod:`trainables.t2i`)."""
-
-    def __init__(self, lm: nn.Module, prompts: list[list[int]], pad_id: int, device: torch.device) -> None:
-        input_ids, self.mask = (t.to(device) for t in left_pad(prompts, pad_id))
-        positions = (self.mask.cumsum(1) - 1).clamp_min(0)
-        self.lm, self.cache, self.rows = lm, DynamicCache(config=lm.config), input_ids.shape[0]
-        self.hidden = lm.model(
-            input_ids=input_ids, attention_mask=self.mask, position_ids=positions, cache=self.cache, use_cache=True
-        ).last_hidden_state
-        self.next_position = positions[:, -1:] + 1
-
-    def next_logits(self, blocked: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of each row's next token, ``blocked`` ids at the lowest value. The LM head is
-        called directly: HF Chameleon's forward would mask the image codebook on its own."""
-        logits = self.lm.lm_head(self.hidden[:, -1]).float()
-        return logits.masked_fill(blocked, torch.finfo(torch.float32).min)
-
-    def feed(self, token: torch.Tensor) -> None:
-        """Append one token per row (``[rows]``) and advance the cache."""
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self.hidden = self.lm.model(
-            input_ids=token[:, None],
-            attention_mask=self.mask,
-            position_ids=self.next_position,
-            cache=self.cache,
-            use_cache=True,
-        ).last_hidden_state
-        self.next_position = self.next_position + 1
-
-
-@torch.no_grad()
-def greedy_decode(
-    model: nn.Module, prompts: list[list[int]], ids: TokenIds, max_new_tokens: int, batch_size: int = 8
-) -> list[list[int]]:
-    """Greedy continuation of each prompt over the text vocabulary, with a KV cache, until
-    end-of-sequence (not included) or ``max_new_tokens``. Prompts are left-padded with explicit
-    positions, so a prompt decodes the same in any batch."""
-    lm = unwrap(model)
-    device = _device(model)
-    blocked = ids.codebook_mask(device)
-    results: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        decoding = CachedDecoding(lm, prompts[start : start + batch_size], ids.pad, device)
-        finished = torch.zeros(decoding.rows, dtype=torch.bool, device=device)
-        outputs: list[list[int]] = [[] for _ in range(decoding.rows)]
-        for _ in range(max_new_tokens):
-            logits = decoding.next_logits(blocked)
-            token = torch.where(finished, torch.full_like(finished, ids.pad, dtype=torch.long), logits.argmax(-1))
-            finished = finished | (token == ids.eos)
-            for row, value in enumerate(token.tolist()):
-                if value != ids.eos and not (value == ids.pad and finished[row]):
-                    outputs[row].append(value)
-            if bool(finished.all()):
-                break
-            decoding.feed(token)
-        results.extend(outputs)
-    return results
 
 
 @torch.no_grad()
@@ -189,7 +76,7 @@ def image_token_sums(
     default); see :func:`image_token_scores`."""
     indices = list(range(len(samples))) if indices is None else list(indices)
     lm = unwrap(model)
-    device = _device(model)
+    device = model_device(model)
     vocab_ids = ids.image_vocab_mask(device).nonzero().squeeze(-1)
     column_of = torch.full((ids.vocab_size,), -100, dtype=torch.long, device=device)
     column_of[vocab_ids] = torch.arange(len(vocab_ids), device=device)
@@ -216,7 +103,7 @@ def image_token_scores(
     over the image vocabulary only (codebook + begin/end-image). Logits are computed for those
     8,194 ids alone, which keeps 2,048-token sequences cheap on a 65,536-id model. With ``dist``,
     each rank scores its shard of the samples and the sums are gathered (added in rank order)."""
-    parts = _gather(dist, image_token_sums(model, samples, ids, batch_size, _shard(dist, len(samples))))
+    parts = gather(dist, image_token_sums(model, samples, ids, batch_size, shard_indices(dist, len(samples))))
     total_nll, correct, count = 0.0, 0, 0
     for nll_sum, hits, tokens in parts:
         total_nll, correct, count = total_nll + nll_sum, correct + hits, count + tokens
@@ -228,11 +115,11 @@ def image_token_scores(
 class CoinBenchmark:
     """CoIN tasks and the generation stream imported by ``mode-cl data import-coin``.
 
-    ``SHARDED_EVAL``: :meth:`evaluate` takes the trial's ``dist`` and splits the work across its
+    ``sharded_eval``: :meth:`evaluate` takes the trial's ``dist`` and splits the work across its
     workers (every rank must call it; all return the same result, that of a single process up to
     float round-off), see the module docstring."""
 
-    SHARDED_EVAL = True
+    sharded_eval = True
 
     def __init__(self, config: RunConfig, model_config, log=print) -> None:
         coin = config.coin
@@ -298,6 +185,15 @@ class CoinBenchmark:
         sequences = [self._truncate(s) for s in table.column("input_ids").to_pylist()]
         return SampleSet(sequences, table.column("is_generation").to_pylist(), self.ids.pad)
 
+    def load_base_model(self) -> nn.Module:
+        coin = self.coin
+        return load_chameleon(coin.model, coin.dtype, coin.attn_implementation, "coin.model")
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        if self.coin.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        return model
+
     def train_set(self, task: str) -> SampleSet:
         before = self.truncated
         samples = self._samples(read_split(self.data_dir, task, "train"))
@@ -309,7 +205,7 @@ class CoinBenchmark:
         """This rank's test indices of ``task`` and its greedy responses to them."""
         table = self.tests[task]
         rows, starts = table.column("input_ids").to_pylist(), table.column("answer_start").to_pylist()
-        mine = _shard(dist, len(rows))
+        mine = shard_indices(dist, len(rows))
         prompts = [self._truncate(rows[i][: starts[i]]) for i in mine]
         generated = greedy_decode(model, prompts, self.ids, self.coin.max_new_tokens, self.coin.eval_batch_size)
         return mine, [self.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in generated]
@@ -318,7 +214,7 @@ class CoinBenchmark:
         """Greedy responses to ``task``'s test prompts (text up to end-of-sequence), in test order;
         with ``dist`` each rank decodes its shard and every rank gets all responses."""
         table = self.tests[task]
-        return _in_order(dist, table.num_rows, *self._shard_answers(model, task, dist))
+        return in_order(dist, table.num_rows, *self._shard_answers(model, task, dist))
 
     def accuracy(self, model: nn.Module, task: str, dist=None) -> float:
         """Share of ``task``'s test prompts answered correctly; with ``dist`` each rank decodes and
@@ -329,7 +225,7 @@ class CoinBenchmark:
         hits = [
             is_correct(task, response, references[i], questions[i]) for i, response in zip(mine, responses, strict=True)
         ]
-        hits = _in_order(dist, table.num_rows, mine, hits)
+        hits = in_order(dist, table.num_rows, mine, hits)
         return sum(hits) / len(hits)
 
     def _t2i_parts(self, device: torch.device, dist=None) -> dict:
@@ -337,8 +233,8 @@ class CoinBenchmark:
         ``dist`` each rank embeds its shard of the reference images and the embeddings are gathered)."""
         if self._t2i is not None:
             return self._t2i
-        from trainables.clip_scores import ClipScorer, load_reference_images
-        from trainables.vqgan import ImageCodeMap, load_vqgan_decoder
+        from trainables.benchmarks.coin.clip_scores import ClipScorer, load_reference_images
+        from trainables.benchmarks.coin.vqgan import ImageCodeMap, load_vqgan_decoder
 
         coin = self.coin
         decoder = load_vqgan_decoder(coin.vqgan, device=device)
@@ -352,16 +248,16 @@ class CoinBenchmark:
         parts = {"decoder": decoder, "scorer": scorer, "code_map": code_map}
         if coin.reference_images is not None:
             images = load_reference_images(coin.reference_images)
-            mine = _shard(dist, len(images))
-            reference = _rows_in_order(dist, len(images), mine, scorer.image_embeddings([images[i] for i in mine]))
+            mine = shard_indices(dist, len(images))
+            reference = rows_in_order(dist, len(images), mine, scorer.image_embeddings([images[i] for i in mine]))
         else:  # the held-out images themselves, as the VQGAN reconstructs them from their tokens
             spans = []
             for row, start in zip(*self._generation_columns("input_ids", "answer_start"), strict=True):
                 span = [t for t in row[start:] if t not in (self.ids.begin_image, self.ids.end_image)]
                 if len(span) == self.tokens_per_image:
                     spans.append(span)
-            mine = _shard(dist, len(spans))
-            reference = _rows_in_order(dist, len(spans), mine, self._embed_codes(parts, [spans[i] for i in mine]))
+            mine = shard_indices(dist, len(spans))
+            reference = rows_in_order(dist, len(spans), mine, self._embed_codes(parts, [spans[i] for i in mine]))
         parts["reference"] = reference
         if dist is None or dist.rank == 0:
             self.log(f"t2i scoring: VQGAN {coin.vqgan}, CLIP {coin.clip_model}, {len(reference)} reference images")
@@ -385,7 +281,7 @@ class CoinBenchmark:
         """``text_align``, ``image_align``, ``fd_clip`` of images sampled for held-out captions.
         With ``dist`` each rank samples and embeds its shard of the prompts (each seeded by its
         global index) and the CLIP embeddings are gathered, so the scores use the full set."""
-        from trainables.t2i import sample_image_tokens, span_codes
+        from trainables.benchmarks.coin.t2i import sample_image_tokens, span_codes
 
         nan = {"text_align": math.nan, "image_align": math.nan, "fd_clip": math.nan}
         if self.generation_table is None:
@@ -397,8 +293,8 @@ class CoinBenchmark:
             if dist is None or dist.rank == 0:
                 self.log("[yellow]t2i scoring: no held-out generation record has a caption; scores are NaN")
             return nan
-        parts = self._t2i_parts(_device(model), dist)
-        mine = _shard(dist, len(chosen))  # positions in `chosen`: they seed the prompts' generators
+        parts = self._t2i_parts(model_device(model), dist)
+        mine = shard_indices(dist, len(chosen))  # positions in `chosen`: they seed the prompts' generators
         prompts = [rows[chosen[p]][: starts[chosen[p]]] for p in mine]  # <s> caption <sep>
         spans = sample_image_tokens(
             model,
@@ -412,7 +308,7 @@ class CoinBenchmark:
             indices=mine,
         )
         generated = self._embed_codes(parts, span_codes(spans, self.ids, self.tokens_per_image))
-        generated = _rows_in_order(dist, len(chosen), mine, generated)
+        generated = rows_in_order(dist, len(chosen), mine, generated)
         return parts["scorer"].scores(generated, [captions[i] for i in chosen], parts["reference"])
 
     def evaluate(
@@ -425,7 +321,7 @@ class CoinBenchmark:
     ) -> tuple[list[float], dict[str, float]]:
         """Answer accuracy for the tasks in ``tasks`` (all when None; NaN for the others) and, if
         ``generation``, the generation scores (else NaN). With ``dist`` (a
-        :class:`trainables.engine.Distributed` of world > 1) every rank must call this: each
+        :class:`trainables.distributed.Distributed` of world > 1) every rank must call this: each
         evaluates its shard and all return the same result."""
         model.eval()
         wanted = range(len(self.config.tasks)) if tasks is None else tasks
@@ -444,3 +340,38 @@ class CoinBenchmark:
         if dist is not None and dist.world > 1:  # identical by construction; rank 0's copy makes it exact
             row, scores = dist.from_rank0((row, scores))
         return row, scores
+
+
+def prepare(config: RunConfig, work_dir: Path, show_progress: bool = True) -> None:
+    """Nothing to build on the driver: the data are imported beforehand by ``mode-cl data import-coin``
+    and the model is read from its checkpoint."""
+
+
+def open(
+    config: RunConfig,
+    work_dir: Path,
+    log: Callable[[str], None] = print,
+    show_progress: bool = True,
+    timer: Callable[[str], contextlib.AbstractContextManager] | None = None,
+):
+    from transformers import ChameleonConfig
+
+    from trainables.benchmarks.coin.chameleon import resolve_model_dir
+
+    timer = timer or (lambda phase: contextlib.nullcontext())
+    torch.manual_seed(config.seed)
+    with timer("benchmark"):
+        model_config = ChameleonConfig.from_pretrained(resolve_model_dir(config.coin.model, "coin.model"))
+        return CoinBenchmark(config, model_config, log)
+
+
+def check_inputs(config: RunConfig) -> None:
+    """Fail before anything starts if the model or the imported data are unusable: opening the
+    benchmark reads the model's config and checks every task and split against the manifest
+    (:class:`ModelSourceError` / :class:`CoinInputError`, both one-line user errors)."""
+    from transformers import ChameleonConfig
+
+    from trainables.benchmarks.coin.chameleon import resolve_model_dir
+
+    model_config = ChameleonConfig.from_pretrained(resolve_model_dir(config.coin.model, "coin.model"))
+    CoinBenchmark(config, model_config, log=lambda message: None)

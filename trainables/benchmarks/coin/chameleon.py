@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonVQVAEConfig
 
+from trainables.errors import UserError
 from trainables.vocab import BEGIN_IMAGE, END_IMAGE, IMAGE_PLACEHOLDER, image_code_name
 
 SEPARATOR_TOKEN = "<reserved08706>"  # Chameleon's end-of-turn token; MoDE's answer separator
@@ -29,7 +30,7 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 KNOWN_7B = "chameleon-7b"
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError, ValueError):
     """The model path/id cannot be used; the message is one line naming it and the fix."""
 
 

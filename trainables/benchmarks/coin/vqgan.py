@@ -14,7 +14,7 @@ Loading never unpickles code: :func:`load_vqgan_decoder` reads a safetensors fil
 with ``torch.load(weights_only=True)``. The released file is a PyTorch-Lightning checkpoint that the
 safe loader may refuse; convert it once (this trusts the file, so only do it for Meta's release)::
 
-    python -c "from trainables.vqgan import convert_vqgan_checkpoint as c; \\
+    python -c "from trainables.benchmarks.coin.vqgan import convert_vqgan_checkpoint as c; \\
         c('tokenizer/vqgan.ckpt', 'tokenizer/vqgan.safetensors')"
 
 Image codes here are VQ indices (0 … n_embed − 1), not the language model's BPE ids; map sampled
@@ -35,13 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainables.errors import UserError
+
 # What the decoder needs from a VQModel checkpoint (taming key prefixes).
 DECODER_PREFIXES = ("quantize.embedding.", "post_quant_conv.", "decoder.")
 # What the converter keeps (the whole VQModel minus the training loss/discriminator).
 MODEL_PREFIXES = ("encoder.", "quant_conv.", *DECODER_PREFIXES)
 
 
-class VQGANLoadError(ValueError):
+class VQGANLoadError(UserError, ValueError):
     """The checkpoint cannot be used; the message is one line naming the file and the fix."""
 
 
@@ -283,7 +285,8 @@ def read_vqgan_state(path: str | Path) -> dict[str, torch.Tensor]:
         reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
         raise VQGANLoadError(
             f"vqgan: {path} holds more than tensors and is refused by the safe loader ({reason}); convert it once "
-            f'(trusting the file) with: python -c "from trainables.vqgan import convert_vqgan_checkpoint as c; '
+            "(trusting the file) with: python -c "
+            f'"from trainables.benchmarks.coin.vqgan import convert_vqgan_checkpoint as c; '
             f"c('{path}', '{path.with_suffix('.safetensors')}')\" and point coin.vqgan at the .safetensors file"
         ) from None
     return _state_dict_from(obj, path)

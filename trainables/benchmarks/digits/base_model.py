@@ -21,13 +21,20 @@ from transformers.utils import logging as hf_logging
 
 import trainables
 from trainables.batching import SampleSet
-from trainables.config import BaseModelConfig
-from trainables.data.digits import BASE_TASKS, DigitsConfig, data_hash, read_tasks, vocabulary
+from trainables.benchmarks.digits.config import BaseModelConfig
+from trainables.benchmarks.digits.data import BASE_TASKS, DigitsConfig, data_hash, read_tasks, vocabulary
+from trainables.benchmarks.digits.tiny import TinyChameleonConfig, build_tiny_chameleon
 from trainables.losses import task_loss
-from trainables.tiny import TinyChameleonConfig, build_tiny_chameleon
 from trainables.vocab import TokenIds
 
-_CODE_FILES = ("tiny.py", "base_model.py", "losses.py", "batching.py", "data/digits.py", "data/tokenizers.py")
+_CODE_FILES = (
+    "benchmarks/digits/tiny.py",
+    "benchmarks/digits/base_model.py",
+    "losses.py",
+    "batching.py",
+    "benchmarks/digits/data.py",
+    "benchmarks/digits/tokenizers.py",
+)
 
 
 def code_version() -> str:

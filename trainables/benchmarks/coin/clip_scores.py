@@ -23,8 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainables.errors import UserError
 
-class ClipModelError(ValueError):
+
+class ClipModelError(UserError, ValueError):
     """The CLIP model cannot be loaded; the message is one line naming it and the fix."""
 
 

@@ -7,7 +7,7 @@ it gives blank images.
 
 Determinism: each prompt draws from its own ``torch.Generator`` seeded from ``(seed, prompt
 index)``, so a prompt's image does not depend on the batch it is in or on the batch size (up to
-float round-off of batched matmuls, as :func:`trainables.coin_eval.greedy_decode`). A caller that
+float round-off of batched matmuls, as :func:`trainables.benchmarks.coin.decoding.greedy_decode`). A caller that
 samples only a share of the prompts (one rank of a sharded evaluation) passes their ``indices`` in
 the full list, so each image is the one the single-process run samples.
 
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from trainables.coin_eval import CachedDecoding
+from trainables.benchmarks.coin.decoding import CachedDecoding
 from trainables.losses import unwrap
 from trainables.vocab import TokenIds
 
@@ -67,7 +67,7 @@ def sample_image_tokens(
 ) -> list[list[int]]:
     """Sample one image per prompt: returns ``[begin-image, code BPE id × tokens_per_image, end-image]``
     for each prompt (BPE ids of the language model; map them to VQ indices with
-    :class:`trainables.vqgan.ImageCodeMap`). Prompts are left-padded with explicit positions.
+    :class:`trainables.benchmarks.coin.vqgan.ImageCodeMap`). Prompts are left-padded with explicit positions.
     ``indices``: each prompt's index in the full prompt list, which seeds its generator (default:
     its position in ``prompts``)."""
     if temperature <= 0:

@@ -23,14 +23,15 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainables.data.tokenizers import DIGIT_WORDS, WORDS, PixelQuantizer, WordTokenizer
+from trainables.benchmarks.digits.config import DigitsConfig
+from trainables.benchmarks.digits.tokenizers import DIGIT_WORDS, WORDS, PixelQuantizer, WordTokenizer
 from trainables.vocab import TokenIds, make_vocabulary_map
 
 
@@ -68,20 +69,6 @@ SCHEMA = pa.schema(
         ("image", pa.list_(pa.uint8())),
     ]
 )
-
-
-@dataclass(frozen=True)
-class DigitsConfig:
-    """How the benchmark is built. Changing any field changes the data hash."""
-
-    seed: int = 0
-    levels: int = 8  # grey levels = image codebook size
-    test_images: int = 397
-    task_train: int = 400  # samples per continual task, drawn from the train images
-    task_test: int = 150  # samples per continual task, drawn from the test images
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def vocabulary(config: DigitsConfig) -> dict[str, int]:
@@ -172,8 +159,9 @@ def _rows(task: str, split: str, indices, images, labels, builder: SequenceBuild
     return rows
 
 
-def build_digits(directory: str | Path, config: DigitsConfig = DigitsConfig()) -> Path:
+def build_digits(directory: str | Path, config: DigitsConfig | None = None) -> Path:
     """Write ``tasks.parquet`` and ``meta.json`` for ``config`` into ``directory`` (atomically)."""
+    config = config or DigitsConfig()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     images, labels = _digits()
@@ -211,7 +199,9 @@ def read_tasks(path: str | Path, tasks: list[str] | None = None, split: str | No
     """Rows of ``tasks.parquet`` for the given tasks/split; the schema is checked."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"task file {path} does not exist; build it with trainables.data.digits.build_digits")
+        raise FileNotFoundError(
+            f"task file {path} does not exist; build it with trainables.benchmarks.digits.data.build_digits"
+        )
     table = pq.read_table(path)
     missing = [f.name for f in SCHEMA if f.name not in table.schema.names]
     if missing:

@@ -37,191 +37,34 @@ file hash and settings (a different source for the same split is refused, not mi
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from trainables.vocab import IMAGE_PLACEHOLDER, TokenIds, image_code_name
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SPLIT_STATE = "_import.json"
-GENERATION = "generation"
-SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source_line", pa.int32()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("answer_start", pa.int32()),
-        ("is_generation", pa.bool_()),
-        ("question", pa.string()),
-        ("answers", pa.list_(pa.string())),
-    ]
+from trainables.benchmarks.coin.records import (
+    CoinInputError,
+    GenerationRecord,
+    InstructionRecord,
+    check_images,
+    parse_generation,
+    parse_instruction,
+    read_json_records,
 )
-QUESTION_FIELDS = ("question", "text", "prompt", "instruction")
-CAPTION_FIELDS = ("caption", "text", "prompt")
-
-
-class CoinInputError(ValueError):
-    """Bad import input; the message is one line naming the file (and line) and the fix."""
-
-
-@dataclass(frozen=True)
-class InstructionRecord:
-    id: str
-    where: str  # "file:line" (JSON lines) or "file record N" (JSON list), for messages
-    line: int
-    image: Path | None
-    question: str
-    answers: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class GenerationRecord:
-    id: str
-    where: str
-    line: int
-    image: Path | None
-    image_tokens: tuple[int, ...] | None
-    caption: str
-
-
-def read_json_records(path: Path) -> Iterator[tuple[str, int, Any]]:
-    """(where, line or record number, object) for every record of a ``.jsonl`` or ``.json`` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CoinInputError(f"{path}: file not found; check the path")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise CoinInputError(f"{path}:{error.lineno}: not valid JSON ({error.msg}); fix the file") from None
-        if not isinstance(data, list):
-            raise CoinInputError(f"{path}: expected a JSON list of records (or use .jsonl, one record per line)")
-        for number, item in enumerate(data, start=1):
-            yield f"{path} record {number}", number, item
-        return
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            item = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise CoinInputError(f"{path}:{number}: not valid JSON ({error.msg}); fix or remove the line") from None
-        yield f"{path}:{number}", number, item
-
-
-def _text(value: Any) -> str | None:
-    if isinstance(value, str) and value.strip():
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return None
-
-
-def _image_path(item: dict, where: str, image_root: Path) -> Path | None:
-    image = item.get("image")
-    if image is None:
-        return None
-    if not isinstance(image, str) or not image.strip():
-        raise CoinInputError(f"{where}: 'image' must be a file path string, got {image!r}")
-    path = Path(image).expanduser()
-    return path if path.is_absolute() else image_root / path
-
-
-def parse_instruction(item: Any, where: str, line: int, image_root: Path) -> InstructionRecord:
-    """One CoIN record (conversation or flat format) → :class:`InstructionRecord`."""
-    if not isinstance(item, dict):
-        raise CoinInputError(f"{where}: expected a JSON object, got {type(item).__name__}")
-    question, answers = None, []
-    if "conversations" in item:
-        turns = item["conversations"]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-            raise CoinInputError(f"{where}: 'conversations' must be a list of {{'from': ..., 'value': ...}} turns")
-        for index, turn in enumerate(turns):
-            if str(turn.get("from", "")).lower() in ("human", "user"):
-                question = _text(turn.get("value"))
-                reply = next(
-                    (t for t in turns[index + 1 :] if str(t.get("from", "")).lower() in ("gpt", "assistant")), None
-                )
-                answer = _text(reply.get("value")) if reply is not None else None
-                answers = [answer] if answer is not None else []
-                break
-    else:
-        question = next((_text(item[k]) for k in QUESTION_FIELDS if _text(item.get(k)) is not None), None)
-        if "answer" in item and _text(item["answer"]) is not None:
-            answers = [_text(item["answer"])]
-        elif isinstance(item.get("answers"), list):
-            for entry in item["answers"]:
-                value = _text(entry.get("answer")) if isinstance(entry, dict) else _text(entry)
-                if value is not None:
-                    answers.append(value)
-    if question is None:
-        raise CoinInputError(
-            f"{where}: no question (expected a 'human' turn in 'conversations' or one of {', '.join(QUESTION_FIELDS)})"
-        )
-    if not answers:
-        raise CoinInputError(
-            f"{where}: no answer (expected a 'gpt' turn after the question, 'answer' or 'answers'); "
-            "add it or drop the record"
-        )
-    record_id = _text(item.get("id")) or _text(item.get("question_id")) or f"{Path(where.split(':')[0]).stem}-{line}"
-    return InstructionRecord(
-        record_id,
-        where,
-        line,
-        _image_path(item, where, image_root),
-        question.strip(),
-        tuple(a.strip() for a in answers),
-    )
-
-
-def parse_generation(item: Any, where: str, line: int, image_root: Path) -> GenerationRecord:
-    """One image-generation stream record (``image_tokens`` or ``image``, optional caption)."""
-    if not isinstance(item, dict):
-        raise CoinInputError(f"{where}: expected a JSON object, got {type(item).__name__}")
-    tokens = item.get("image_tokens")
-    if tokens is not None and (
-        not isinstance(tokens, list)
-        or not tokens
-        or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)
-    ):
-        raise CoinInputError(f"{where}: 'image_tokens' must be a non-empty list of integer token ids")
-    image = _image_path(item, where, image_root)
-    if tokens is None and image is None:
-        raise CoinInputError(f"{where}: no image (expected 'image_tokens' or 'image'); add one or drop the record")
-    caption = next((_text(item[k]) for k in CAPTION_FIELDS if _text(item.get(k)) is not None), "")
-    record_id = _text(item.get("id")) or f"{Path(where.split(':')[0]).stem}-{line}"
-    return GenerationRecord(record_id, where, line, image, tuple(tokens) if tokens else None, caption.strip())
-
-
-def check_images(records: Sequence[InstructionRecord | GenerationRecord]) -> None:
-    for record in records:
-        if record.image is not None and not record.image.is_file():
-            raise CoinInputError(
-                f"{record.where}: image {record.image} not found; fix the path or pass --image-root DIR"
-            )
-
-
-def load_image(record: InstructionRecord | GenerationRecord):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(record.image) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise CoinInputError(
-            f"{record.where}: cannot read image {record.image} ({error.__class__.__name__}); replace or drop it"
-        ) from None
+from trainables.benchmarks.coin.store import (
+    FORMAT_VERSION,
+    GENERATION,
+    MANIFEST,
+    SplitJob,
+    check_manifest_vocabulary,
+    file_hash,
+    holdout_split,
+    read_manifest,
+    run_split,
+    update_manifest,
+    vocabulary_hash,
+)
+from trainables.vocab import IMAGE_PLACEHOLDER, TokenIds, image_code_name
 
 
 class SequenceBuilder:
@@ -275,150 +118,6 @@ class SequenceBuilder:
                 f"model's vocabulary (ids {first}..{last}); for raw VQ indices pass --stream-codes vq"
             )
         return [self.ids.begin_image, *tokens, self.ids.end_image]
-
-
-def vocabulary_hash(vocabulary_map: dict[str, int], separator_token: str) -> str:
-    payload = json.dumps({"map": sorted(vocabulary_map.items()), "separator": separator_token})
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    tmp.replace(path)
-
-
-def shard_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
-
-
-def _shard_done(path: Path, rows: int) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        return pq.read_metadata(path).num_rows == rows
-    except (OSError, pa.ArrowInvalid):
-        return False  # a damaged file from outside this tool: rewritten
-
-
-@dataclass
-class SplitJob:
-    """One output split: its records and how each record becomes a row."""
-
-    directory: Path
-    records: list
-    state: dict[str, Any]
-    make_rows: Callable[[list, list[list[int] | None]], list[dict[str, Any]]]
-    needs_image: Callable[[Any], bool] = field(default=lambda record: record.image is not None)
-
-
-def _prepare_split(job: SplitJob) -> None:
-    """Create the split directory, or check that an earlier import of it used the same source/settings."""
-    state_file = job.directory / SPLIT_STATE
-    if state_file.is_file():
-        previous = json.loads(state_file.read_text())
-        if previous != job.state:
-            changed = sorted(k for k in set(previous) | set(job.state) if previous.get(k) != job.state.get(k))
-            raise CoinInputError(
-                f"{job.directory}: already imported with different {', '.join(changed)}; "
-                "delete that directory or import into another --out"
-            )
-        return
-    job.directory.mkdir(parents=True, exist_ok=True)
-    for stale in job.directory.glob("part-*.parquet"):  # shards without a state file are not ours to trust
-        stale.unlink()
-    _write_json_atomic(state_file, job.state)
-
-
-def run_split(
-    job: SplitJob,
-    shard_size: int,
-    batch_size: int,
-    encode_images: Callable[[list], list[list[int]]] | None,
-    advance: Callable[[int], None],
-) -> dict[str, int]:
-    """Write the missing shards of one split; returns its record and shard counts."""
-    _prepare_split(job)
-    shards = max(1, math.ceil(len(job.records) / shard_size))
-    written = 0
-    for index in range(shards):
-        chunk = job.records[index * shard_size : (index + 1) * shard_size]
-        target = job.directory / shard_name(index)
-        if _shard_done(target, len(chunk)):
-            advance(len(chunk))
-            continue
-        spans: list[list[int] | None] = [None] * len(chunk)
-        pending = [i for i, record in enumerate(chunk) if job.needs_image(record)]
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
-            if encode_images is None:
-                raise CoinInputError(f"{chunk[batch[0]].where}: has an image but no VQ tokenizer was loaded")
-            for i, span in zip(batch, encode_images([load_image(chunk[i]) for i in batch]), strict=True):
-                spans[i] = span
-            advance(len(batch))
-        advance(len(chunk) - len(pending))
-        table = pa.Table.from_pylist(job.make_rows(chunk, spans), schema=SCHEMA)
-        tmp = target.with_name(f".{target.name}.tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(target)
-        written += 1
-    return {"records": len(job.records), "shards": shards, "shards_written": written}
-
-
-def read_manifest(data_dir: str | Path) -> dict[str, Any]:
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise CoinInputError(f"{data_dir}: no {MANIFEST}; import the data first with `mode-cl data import-coin`")
-    return json.loads(path.read_text())
-
-
-def update_manifest(data_dir: Path, entries: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``entries`` (top-level keys; ``tasks`` merged per task) into the manifest, atomically."""
-    path = data_dir / MANIFEST
-    manifest = json.loads(path.read_text()) if path.is_file() else {"format": FORMAT_VERSION, "tasks": {}}
-    for key, value in entries.items():
-        if key == "tasks":
-            manifest["tasks"].update(value)
-        else:
-            manifest[key] = value
-    _write_json_atomic(path, manifest)
-    return manifest
-
-
-def check_manifest_vocabulary(manifest: dict[str, Any], data_dir: Path, expected_hash: str) -> None:
-    stored = manifest.get("vocabulary_hash")
-    if stored is not None and stored != expected_hash:
-        raise CoinInputError(
-            f"{data_dir}: was tokenised with another vocabulary (hash {stored}, model has {expected_hash}); "
-            "re-import it with this model or use another --out"
-        )
-
-
-def read_split(data_dir: str | Path, part: str, split: str, limit: int | None = None) -> pa.Table:
-    """All shards of ``<part>/<split>`` in order (``part`` = a task name or ``generation``)."""
-    directory = Path(data_dir) / part / split
-    files = sorted(directory.glob("part-*.parquet"))
-    if not files:
-        raise CoinInputError(f"{directory}: no shards; import {part} with `mode-cl data import-coin`")
-    table = pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files])
-    return table.slice(0, limit) if limit is not None else table
-
-
-def holdout_split(count: int, holdout: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Seeded (train indices, held-out indices) of ``count`` records; at least one held out when count ≥ 2."""
-    if count == 0:
-        return [], []
-    held = min(count - 1, max(1, round(holdout * count))) if count >= 2 and holdout > 0 else 0
-    order = np.random.default_rng(seed).permutation(count).tolist()
-    return sorted(order[held:]), sorted(order[:held])
 
 
 @dataclass(frozen=True)
@@ -504,7 +203,7 @@ def import_coin(
         TimeRemainingColumn,
     )
 
-    from trainables.chameleon import (
+    from trainables.benchmarks.coin.chameleon import (
         SEPARATOR_TOKEN,
         VQImageTokenizer,
         load_tokenizer,

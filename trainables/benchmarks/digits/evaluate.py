@@ -18,7 +18,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from trainables.batching import SampleSet, pad
-from trainables.data.digits import SequenceBuilder
+from trainables.benchmarks.digits.data import SequenceBuilder
 from trainables.losses import (
     answer_labels,
     causal_lm_logits,

@@ -1,0 +1,206 @@
+"""A sweep's MLflow side on the driver: the parent run, its status, and the summary at the end.
+
+Each trial logs into its own child run (:class:`trainables.tracking.TrialTracker`, on the trial's
+rank-0 worker); this module owns the parent: it is created with the sweep, marked FAILED/KILLED
+when the driver dies, RUNNING again on resume, and finished with ``trials.parquet``/``.csv``, the
+understanding-vs-generation Pareto plot, and the best trial's adapter in the model registry.
+:func:`tracking_and_ray` starts a sweep command's MLflow server and Ray side by side.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ParentRun:
+    """A sweep's parent run on a tracking server."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+@dataclass(frozen=True)
+class TrackingChoice:
+    """Where a sweep command logs: ``uri`` (flag or MLFLOW_TRACKING_URI), else an embedded server
+    on ``store``; nowhere with ``disabled``."""
+
+    uri: str | None
+    disabled: bool
+    store: Path
+
+
+def tracking_and_ray(
+    choice: TrackingChoice,
+    address: str | None,
+    log: Log,
+    body: Callable[[str | None], T],
+    prepare: Callable[[str | None], None] | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> T:
+    """``body(tracking_uri)`` with the tracking server up (the embedded one started here unless a
+    server is configured). Ray starts, then ``prepare(tracking_uri)`` runs (work that needs Ray but
+    not yet the server), while the server boots. With ``on_ready(tracking_uri)``, ``body`` does not
+    wait for the server: ``on_ready`` is called once it answers (directly, for a configured one)."""
+    from orchestrator.mlflow_server import tracking_server
+    from orchestrator.ray_runtime import init_ray
+
+    def start(tracking_uri: str | None) -> None:
+        init_ray(address)
+        if prepare is not None:
+            prepare(tracking_uri)
+
+    if choice.disabled or choice.uri:
+        uri = None if choice.disabled else choice.uri
+        if prepare is not None:
+            start(uri)
+        if on_ready is not None and uri:
+            on_ready(uri)
+        return body(uri)
+    with tracking_server(choice.store, log=log, while_starting=start, on_ready=on_ready) as local_uri:
+        return body(local_uri)
+
+
+def create_parent_run(tracking_uri: str, space_path: Path, sweep_name: str) -> ParentRun:
+    """The sweep's experiment (by name) and a new parent run holding the space file."""
+    import ray
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from trainables import __version__
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(sweep_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(sweep_name)
+    tags = {"sweep": sweep_name, "mode_cl_version": __version__, "ray": ray.__version__, "torch": torch.__version__}
+    tags["git_commit"] = _git_commit()
+    parent = client.create_run(experiment_id, run_name=f"{sweep_name} (sweep)", tags=tags)
+    client.log_artifact(parent.info.run_id, str(space_path))
+    return ParentRun(tracking_uri, experiment_id, parent.info.run_id)
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+@contextmanager
+def parent_status_on_failure(parent: ParentRun | None) -> Iterator[None]:
+    """A sweep that dies with an exception (or Ctrl-C) marks its parent run FAILED / KILLED
+    instead of leaving it RUNNING; `mode-cl resume` sets it back to RUNNING."""
+    try:
+        yield
+    except BaseException as error:
+        if parent is not None:
+            from mlflow.tracking import MlflowClient
+
+            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            MlflowClient(parent.tracking_uri).set_terminated(parent.parent_run_id, status)
+        raise
+
+
+def parent_run_reopener(parent: ParentRun | None) -> Callable[[], None]:
+    """A call that sets the sweep's parent run (FAILED/KILLED when its driver died) RUNNING again.
+
+    MLflow is imported and the client built here, on the caller's thread, so that the call itself
+    imports nothing: ``mode-cl resume`` makes it from a watcher thread while ``Tuner.fit`` imports
+    on the main thread, and importing MLflow's ~1,600 modules from two threads at once left
+    ``mlflow`` half-initialised now and then (the sweep then failed at its end with "partially
+    initialized module 'mlflow' has no attribute 'version'")."""
+    if parent is None:
+        return lambda: None
+    import netrc  # noqa: F401  (requests imports it lazily on the first request)
+
+    import mlflow.tracking.request_header.registry  # noqa: F401  (imported lazily by the first request)
+    from mlflow.tracking import MlflowClient
+
+    client, run_id = MlflowClient(parent.tracking_uri), parent.parent_run_id
+    return lambda: client.update_run(run_id, status="RUNNING")
+
+
+def finish_parent_run(parent: ParentRun, rows: list[dict[str, Any]], sweep: str, log: Log) -> None:
+    """The summary artifacts, the best trial's registered adapter, and status FINISHED."""
+    _log_summary(parent, rows)
+    registered = _register_best(parent, rows, sweep)
+    if registered:
+        log(f"best trial's adapter registered in MLflow as {registered}")
+
+
+def _log_summary(parent: ParentRun, rows: list[dict[str, Any]]) -> None:
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(parent.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        table = pa.Table.from_pylist(rows)
+        pq.write_table(table, Path(tmp) / "trials.parquet")
+        pacsv.write_csv(table, Path(tmp) / "trials.csv")
+        done = [r for r in rows if r["avg_acc"] is not None and r["gen_acc"] is not None]
+        figure, axis = plt.subplots(figsize=(6, 4.5))
+        for row in done:
+            axis.scatter(row["avg_acc"], row["gen_acc"])
+            label = row.get("config.method.name", "") or ""
+            axis.annotate(f"{label} {row['trial_id'][-5:]}", (row["avg_acc"], row["gen_acc"]), fontsize=7)
+        front = pareto_front([(r["avg_acc"], r["gen_acc"]) for r in done])
+        if front:
+            axis.plot(*zip(*front, strict=True), linestyle="--", color="grey", label="Pareto front")
+            axis.legend(fontsize=8)
+        axis.set_xlabel("final understanding accuracy (avg over tasks)")
+        axis.set_ylabel("final generation accuracy")
+        axis.set_title("understanding vs generation across trials")
+        figure.tight_layout()
+        figure.savefig(Path(tmp) / "pareto.png", dpi=100)
+        plt.close(figure)
+        client.log_artifacts(parent.parent_run_id, tmp)
+    client.set_terminated(parent.parent_run_id, "FINISHED")
+
+
+def _register_best(parent: ParentRun, rows: list[dict[str, Any]], sweep: str) -> str | None:
+    """Register the best finished trial's final adapter (its logged task checkpoint) in the MLflow
+    model registry as ``<sweep>-best``; None when no trial finished or checkpoints were not logged."""
+    from mlflow.tracking import MlflowClient
+
+    best = next((r for r in rows if r["status"] == "TERMINATED" and r.get("tasks_done")), None)
+    if best is None:
+        return None
+    client = MlflowClient(parent.tracking_uri)
+    runs = client.search_runs([parent.experiment_id], filter_string=f"tags.trial_id = '{best['trial_id']}'")
+    if not runs:
+        return None
+    run_id, artifact = runs[0].info.run_id, f"checkpoints/task_{best['tasks_done']:02d}"
+    if not client.list_artifacts(run_id, artifact):
+        return None
+    name = f"{sweep}-best"
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description="final adapter of the best trial of a mode-cl sweep")
+    version = client.create_model_version(name, f"runs:/{run_id}/{artifact}", run_id=run_id)
+    client.set_tag(parent.parent_run_id, "best_trial_id", best["trial_id"])
+    return f"{name} v{version.version}"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not dominated in both coordinates (higher is better), sorted by the first."""
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
+    return sorted(set(front))

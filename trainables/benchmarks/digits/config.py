@@ -1,0 +1,41 @@
+"""The digits benchmark's settings: how its data are built (``data``) and its base model (``base``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from trainables.config_rules import check_fields, setting
+
+
+@dataclass(frozen=True)
+class BaseModelConfig:
+    """The tiny Chameleon pretrained on the base capabilities (captioning + text-to-image)."""
+
+    hidden_size: int = setting(128, gt=0)
+    intermediate_size: int = setting(344, gt=0)
+    num_hidden_layers: int = setting(4, gt=0)
+    num_attention_heads: int = setting(4, gt=0)
+    epochs: int = setting(6, gt=0)
+    lr: float = setting(2e-3, gt=0)
+    batch_size: int = setting(32, gt=0)
+    seed: int = setting(0, ge=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class DigitsConfig:
+    """How the benchmark is built. Changing any field changes the data hash."""
+
+    seed: int = setting(0, ge=0)
+    levels: int = setting(8, gt=0)  # grey levels = image codebook size
+    test_images: int = setting(397, gt=0)
+    task_train: int = setting(400, gt=0)  # samples per continual task, drawn from the train images
+    task_test: int = setting(150, gt=0)  # samples per continual task, drawn from the test images
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

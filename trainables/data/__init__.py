@@ -1,1 +1,0 @@
-"""Benchmark data: tokenizers, task construction and the Parquet task files."""

@@ -1,0 +1,65 @@
+"""What a method's hooks can see of the run they are part of."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from trainables.distributed import Distributed
+
+if TYPE_CHECKING:
+    from trainables.benchmarks import Benchmark
+    from trainables.config import RunConfig
+
+Log = Callable[[str], None]
+
+
+class PhaseTimer:
+    """Wall seconds per phase of a run (summed over repeats), for the overhead breakdown."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - started)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+
+def seeded_generator(*key: int) -> torch.Generator:
+    """A generator seeded from ``key`` alone, so any step's data can be recomputed after a restart."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+@dataclass
+class RunContext:
+    """One run's fixed surroundings, handed to every method hook.
+
+    Randomness a hook draws per step must come from :meth:`generator` keyed by the step (never from
+    a stream that advances), so a resumed run draws exactly what the uninterrupted one drew.
+    """
+
+    config: RunConfig
+    work_dir: Path
+    bench: Benchmark
+    device: torch.device
+    dist: Distributed
+    log: Log
+    timer: PhaseTimer
+
+    def generator(self, *key: int) -> torch.Generator:
+        """A generator seeded from the run's seed and ``key`` (e.g. task index, step, purpose)."""
+        return seeded_generator(self.config.seed, *key)
