@@ -35,8 +35,9 @@ from pathlib import Path
 import torch
 
 from trainables.batching import SampleSet
-from trainables.benchmarks.coin.chameleon import ChameleonShape, build_real_layout_chameleon
+from trainables.benchmarks.coin.chameleon import build_real_layout_chameleon
 from trainables.methods import build_method
+from trainables.model_shape import ChameleonShape
 from trainables.vocab import TokenIds
 
 SEPARATOR = "<reserved08706>"

@@ -27,7 +27,7 @@ from step_time import make_batch
 
 from trainables.batching import SampleSet
 from trainables.benchmarks.digits.data import DigitsConfig, vocabulary
-from trainables.benchmarks.digits.tiny import TinyChameleonConfig, build_tiny_chameleon
+from trainables.benchmarks.digits.tiny import build_tiny_chameleon
 from trainables.methods import MethodConfig, build_method
 from trainables.mode.reference import official_style
 from trainables.teacher_cache import load_or_build, model_fingerprint
@@ -47,7 +47,9 @@ def make_stream(ids: TokenIds, size: int = 256) -> SampleSet:
 def time_variant(name: str, official: bool, cached: bool, args, vocab, ids, batch, stream) -> float:
     torch.manual_seed(0)
     method = build_method(MethodConfig(name="mode", r=8, num_experts=4, kd_weight=0.3, kd_temperature=2.0), ids)
-    base = build_tiny_chameleon(vocab, TinyChameleonConfig())
+    base = build_tiny_chameleon(
+        vocab,
+    )
     fingerprint = model_fingerprint(base)
     model = method.attach(base).train()
     cache = None

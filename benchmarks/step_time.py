@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from trainables.benchmarks.digits.data import DigitsConfig, vocabulary
-from trainables.benchmarks.digits.tiny import TinyChameleonConfig, build_tiny_chameleon
+from trainables.benchmarks.digits.tiny import build_tiny_chameleon
 from trainables.methods import Batch, MethodConfig, build_method
 from trainables.vocab import TokenIds
 
@@ -40,7 +40,11 @@ def make_batch(ids: TokenIds, vocab: dict[str, int], size: int = 32) -> Batch:
 def time_steps(name: str, config: MethodConfig, steps: int, batch: Batch, vocab, ids) -> float:
     torch.manual_seed(0)
     method = build_method(config, ids)
-    model = method.attach(build_tiny_chameleon(vocab, TinyChameleonConfig())).train()
+    model = method.attach(
+        build_tiny_chameleon(
+            vocab,
+        )
+    ).train()
     optimizer = torch.optim.AdamW(list(method.trainable_parameters(model)), lr=1e-3)
     durations = []
     for step in range(steps + 5):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainables.benchmarks.digits.tiny import TinyChameleonConfig, build_tiny_chameleon, make_vocabulary_map
+from trainables.benchmarks.digits.tiny import ChameleonShape, build_tiny_chameleon, make_vocabulary_map
 from trainables.vocab import TokenIds
 
 WORDS = ("what", "digit", "is", "this", "draw", "zero", "one", "two", "three", "even", "odd")
@@ -26,7 +26,9 @@ MICRO_RUN = [
     "method.r=2",
     "method.num_experts=2",
 ]
-ARCH = TinyChameleonConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+ARCH = ChameleonShape(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256
+)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ from PIL import Image
 from orchestrator.cli import main
 from trainables.batching import SampleSet
 from trainables.benchmarks.coin.chameleon import (
-    ChameleonShape,
     build_real_layout_chameleon,
     image_processor_for,
     load_chameleon,
@@ -38,6 +37,7 @@ from trainables.engine import run_sequence
 from trainables.methods import build_method
 from trainables.mode import record_routing
 from trainables.mode.checkpointing import enable_activation_checkpointing
+from trainables.model_shape import ChameleonShape
 from trainables.vocab import TokenIds
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import MICRO_RUN
 from trainables.batching import Batch
-from trainables.benchmarks.digits.tiny import TinyChameleonConfig, build_tiny_chameleon, make_vocabulary_map
+from trainables.benchmarks.digits.tiny import ChameleonShape, build_tiny_chameleon, make_vocabulary_map
 from trainables.config import load_run_config
 from trainables.engine import METHOD_STATE, run_sequence
 from trainables.methods import register_method
@@ -95,7 +95,7 @@ def test_a_method_registered_from_a_test_trains_checkpoints_and_resumes_exactly(
 def test_attach_mode_needs_no_separator_token():
     vocabulary = make_vocabulary_map(("draw", "two"), 16)
     del vocabulary[DEFAULT_SEPARATOR]  # e.g. a checkpoint whose end-of-turn token has another name
-    model = build_tiny_chameleon(vocabulary, TinyChameleonConfig(32, 64, 1, 4))
+    model = build_tiny_chameleon(vocabulary, ChameleonShape(32, 64, 1, 4, max_position_embeddings=256))
     model = attach_mode(model, MoDEConfig(r=2, num_experts=2, dropout=0.0)).eval()
     ids = ImageTokenIds.from_model(model)
     tokens = [vocabulary["<s>"], vocabulary["draw"], ids.begin_image, *ids.image_codes[:3], ids.end_image]

@@ -14,12 +14,13 @@ import yaml
 
 from orchestrator.cli import main
 from trainables.benchmarks.coin.benchmark import CoinBenchmark
-from trainables.benchmarks.coin.chameleon import ChameleonShape, build_real_layout_chameleon, save_model_dir
+from trainables.benchmarks.coin.chameleon import build_real_layout_chameleon, save_model_dir
 from trainables.benchmarks.coin.t2i import sample_image_tokens, span_codes
 from trainables.benchmarks.coin.vqgan import ImageCodeMap, VQGANConfig, VQGANDecoder
 from trainables.config import ConfigError, load_run_config_dict
 from trainables.mode import MoDEConfig, attach_mode, record_routing
 from trainables.mode.routing import image_token_mask
+from trainables.model_shape import ChameleonShape
 from trainables.vocab import TokenIds
 
 SHAPE = ChameleonShape(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)

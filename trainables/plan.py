@@ -85,17 +85,10 @@ def resource_plan(config: RunConfig) -> dict[str, Any]:
         stream_len = tokens_per_image(model_config) + 2
     else:
         from trainables.benchmarks.digits.data import vocabulary
-        from trainables.benchmarks.digits.tiny import TinyChameleonConfig, build_tiny_chameleon
+        from trainables.benchmarks.digits.tiny import build_tiny_chameleon
 
-        base = config.base
-        arch = TinyChameleonConfig(
-            hidden_size=base.hidden_size,
-            intermediate_size=base.intermediate_size,
-            num_hidden_layers=base.num_hidden_layers,
-            num_attention_heads=base.num_attention_heads,
-        )
         with torch.device("meta"):
-            model_config = build_tiny_chameleon(vocabulary(config.data), arch).config
+            model_config = build_tiny_chameleon(vocabulary(config.data), config.base.shape).config
         source = "embedded tiny base model"
         ids = TokenIds.from_vocabulary_map(model_config.vocabulary_map, vocab_size=model_config.vocab_size)
         dtype, seq_len, checkpointing, stream_len = "float32", 80, False, 66

@@ -43,17 +43,18 @@ FORMAT_VERSION = 1
 Log = Callable[[str], None]
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def model_fingerprint(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> str:
     """A content fingerprint of a (base) model: its config plus, for every tensor of its state dict,
     name, shape, dtype, float64 sum and sum of squares, and the exact bytes of its first and last
     16 values. One pass over the weights (fast on GPU, ~1 s per GB on CPU); two different
-    checkpoints that agree on all of it are not a practical concern."""
+    checkpoints that agree on all of it are not a practical concern. ``state_dict`` replaces the
+    model's own (e.g. the base weights inside an adapted model, under their base names)."""
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         digest.update(config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
-        for name, tensor in sorted(model.state_dict().items()):
+        for name, tensor in sorted((model.state_dict() if state_dict is None else state_dict).items()):
             flat = tensor.detach().reshape(-1)
             digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
             if flat.numel() == 0:

@@ -31,7 +31,7 @@ from tests.faults._helpers import (
     ray_temp_dir,
     wait_until,
 )
-from trainables.benchmarks.digits.tiny import TinyChameleonConfig, build_tiny_chameleon
+from trainables.benchmarks.digits.tiny import ChameleonShape, build_tiny_chameleon
 from trainables.mode import MoDEConfig, attach_mode, load_mode
 
 MICRO_RUN = """
@@ -126,7 +126,7 @@ def test_sweep_survives_a_killed_worker_and_an_mlflow_outage_with_nothing_lost(t
         local = client.download_artifacts(children[0].info.run_id, "checkpoints/task_02", str(tmp_path / "download"))
         base_dir = next((work_dir / "base").iterdir())
         vocabulary = json.loads((base_dir / "config.json").read_text())["vocabulary_map"]
-        model = build_tiny_chameleon(vocabulary, TinyChameleonConfig(32, 64, 1, 4))
+        model = build_tiny_chameleon(vocabulary, ChameleonShape(32, 64, 1, 4, max_position_embeddings=256))
         load_mode(attach_mode(model, MoDEConfig(r=2, num_experts=2)), Path(local) / "adapter")
         report = subprocess.run(
             [MODE_CL, "report", "faults", "--format", "json", "--storage", str(storage)],

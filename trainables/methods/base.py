@@ -155,7 +155,6 @@ class MoDEFamily(Method):
 
     def __init__(self, config: MethodConfig, token_ids: TokenIds) -> None:
         super().__init__(config, token_ids)
-        self._base_fingerprint: str | None = None
         self._teacher_cache: TeacherCache | None = None
 
     @property
@@ -163,20 +162,24 @@ class MoDEFamily(Method):
         return self.USES_KD and self.config.kd_teacher == "cached" and self.config.kd_weight > 0
 
     def attach(self, model: nn.Module) -> nn.Module:
-        if self.uses_teacher_cache:  # the cache is keyed by the frozen base model, before adapters exist
-            self._base_fingerprint = model_fingerprint(model)
         flags = {"image_adapter": self.IMAGE_ADAPTER, "experts_on_image_tokens": self.EXPERTS_ON_IMAGE_TOKENS}
         return attach_mode(model, self.config.mode_config(**flags), self.token_ids)
 
     def setup(self, model: nn.Module, run: RunContext) -> None:
         """With a cached teacher: read (or compute once) the frozen base model's logits on the
         benchmark's distillation stream, shared by every task and every trial of this base model."""
-        if self._base_fingerprint is None:
+        if not self.uses_teacher_cache:
             return
         with run.timer("teacher_cache"):
+            # Keyed by the frozen base model alone: its weights under their names before attach.
+            base = {
+                name.replace(".base_layer.", "."): tensor
+                for name, tensor in model.state_dict().items()
+                if ".mode_" not in name
+            }
             self._teacher_cache = load_or_build(
                 Path(run.work_dir) / "teacher_cache",
-                self._base_fingerprint,
+                model_fingerprint(model, base),
                 run.bench.stream,
                 int(self.token_ids.image_vocab_mask().sum()),
                 self.config.kd_top_k,

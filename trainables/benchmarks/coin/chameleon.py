@@ -12,13 +12,13 @@ tokenizer is a byte-level BPE without merges (one token per UTF-8 byte), so any 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonVQVAEConfig
 
 from trainables.errors import UserError
+from trainables.model_shape import ChameleonShape
 from trainables.vocab import BEGIN_IMAGE, END_IMAGE, IMAGE_PLACEHOLDER, image_code_name
 
 SEPARATOR_TOKEN = "<reserved08706>"  # Chameleon's end-of-turn token; MoDE's answer separator
@@ -88,17 +88,6 @@ def byte_level_symbols() -> list[str]:
     from tokenizers import pre_tokenizers
 
     return sorted(pre_tokenizers.ByteLevel.alphabet())
-
-
-@dataclass(frozen=True)
-class ChameleonShape:
-    """Decoder shape of a random-init Chameleon (the VQ-VAE shape is chosen by ``vq_resolution``)."""
-
-    hidden_size: int = 32
-    intermediate_size: int = 64
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 2
-    max_position_embeddings: int = 4096
 
 
 def small_vq_config(resolution: int = 16) -> ChameleonVQVAEConfig:

@@ -23,7 +23,7 @@ import trainables
 from trainables.batching import SampleSet
 from trainables.benchmarks.digits.config import BaseModelConfig
 from trainables.benchmarks.digits.data import BASE_TASKS, DigitsConfig, data_hash, read_tasks, vocabulary
-from trainables.benchmarks.digits.tiny import TinyChameleonConfig, build_tiny_chameleon
+from trainables.benchmarks.digits.tiny import build_tiny_chameleon
 from trainables.losses import task_loss
 from trainables.vocab import TokenIds
 
@@ -59,13 +59,7 @@ def pretrain_base(
         return target
     vocab = vocabulary(data)
     ids = TokenIds.from_vocabulary_map(vocab)
-    architecture = TinyChameleonConfig(
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-    )
-    model = build_tiny_chameleon(vocab, architecture, seed=config.seed).train()
+    model = build_tiny_chameleon(vocab, config.shape, seed=config.seed).train()
     samples = SampleSet.from_table(read_tasks(task_file, list(BASE_TASKS), "train"), ids.pad)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from trainables.config_rules import check_fields, setting
+from trainables.model_shape import ChameleonShape
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,16 @@ class BaseModelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+    @property
+    def shape(self) -> ChameleonShape:
+        return ChameleonShape(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            max_position_embeddings=256,  # digits sequences are at most 80 tokens
+        )
 
 
 @dataclass(frozen=True)

@@ -7,28 +7,19 @@ Its vocabulary follows Chameleon's conventions (``IMGIMG*`` codebook names, ``<r
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonVQVAEConfig
 
+from trainables.model_shape import ChameleonShape
 from trainables.vocab import SPECIAL_TOKENS, make_vocabulary_map
 
-__all__ = ["SPECIAL_TOKENS", "TinyChameleonConfig", "build_tiny_chameleon", "make_vocabulary_map"]
+__all__ = ["SPECIAL_TOKENS", "TINY_SHAPE", "ChameleonShape", "build_tiny_chameleon", "make_vocabulary_map"]
 
 
-@dataclass(frozen=True)
-class TinyChameleonConfig:
-    """Architecture of the tiny model (≈1 M parameters with the defaults)."""
-
-    hidden_size: int = 128
-    intermediate_size: int = 344
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    max_position_embeddings: int = 256
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+# The digits benchmark's default base model (≈1 M parameters): 80-token sequences at most.
+TINY_SHAPE = ChameleonShape(
+    hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=256
+)
 
 
 # The VQ-VAE is never used (images are tokenised by the benchmark's own tokenizer), but
@@ -46,10 +37,10 @@ _TINY_VQ = ChameleonVQVAEConfig(
 
 
 def build_tiny_chameleon(
-    vocabulary_map: dict[str, int], architecture: TinyChameleonConfig | None = None, seed: int = 0
+    vocabulary_map: dict[str, int], shape: ChameleonShape = TINY_SHAPE, seed: int = 0
 ) -> ChameleonForConditionalGeneration:
     """Random-init tiny Chameleon with ``vocabulary_map``; deterministic for a given ``seed``."""
-    arch = architecture or TinyChameleonConfig()
+    arch = shape
     config = ChameleonConfig(
         vocab_size=max(vocabulary_map.values()) + 1,
         hidden_size=arch.hidden_size,
