@@ -105,25 +105,6 @@ def small_vq_config(resolution: int = 16) -> ChameleonVQVAEConfig:
     )
 
 
-def chameleon_config(
-    shape: ChameleonShape, vocabulary_map: dict[str, int], vq_config: ChameleonVQVAEConfig | None = None
-) -> ChameleonConfig:
-    return ChameleonConfig(
-        vocab_size=max(vocabulary_map.values()) + 1,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_attention_heads,
-        max_position_embeddings=shape.max_position_embeddings,
-        vq_config=(vq_config or small_vq_config()).to_dict(),
-        vocabulary_map=dict(vocabulary_map),
-        bos_token_id=vocabulary_map["<s>"],
-        pad_token_id=vocabulary_map["<pad>"],
-        eos_token_id=vocabulary_map["</s>"],
-    )
-
-
 def chameleon_7b_config() -> ChameleonConfig:
     """The decoder and VQ shape of Chameleon-7B / Anole-7B (transformers' defaults: hidden 4096,
     MLP 11008, 32 layers, 32 heads, 512-pixel VQ → 1,024 image tokens) with a real-layout vocabulary
@@ -148,7 +129,7 @@ def build_real_layout_chameleon(
 ) -> tuple[ChameleonForConditionalGeneration, object]:
     """A random-init Chameleon with the real vocabulary layout, and its byte-level tokenizer."""
     vocabulary_map = real_layout_vocabulary_map(byte_level_symbols())
-    config = chameleon_config(shape or ChameleonShape(), vocabulary_map, small_vq_config(vq_resolution))
+    config = (shape or ChameleonShape()).chameleon_config(vocabulary_map, small_vq_config(vq_resolution))
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         model = ChameleonForConditionalGeneration(config).to(dtype)

@@ -8,7 +8,7 @@ Its vocabulary follows Chameleon's conventions (``IMGIMG*`` codebook names, ``<r
 from __future__ import annotations
 
 import torch
-from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonVQVAEConfig
+from transformers import ChameleonForConditionalGeneration, ChameleonVQVAEConfig
 
 from trainables.model_shape import ChameleonShape
 from trainables.vocab import SPECIAL_TOKENS, make_vocabulary_map
@@ -40,21 +40,7 @@ def build_tiny_chameleon(
     vocabulary_map: dict[str, int], shape: ChameleonShape = TINY_SHAPE, seed: int = 0
 ) -> ChameleonForConditionalGeneration:
     """Random-init tiny Chameleon with ``vocabulary_map``; deterministic for a given ``seed``."""
-    arch = shape
-    config = ChameleonConfig(
-        vocab_size=max(vocabulary_map.values()) + 1,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_hidden_layers,
-        num_attention_heads=arch.num_attention_heads,
-        num_key_value_heads=arch.num_attention_heads,
-        max_position_embeddings=arch.max_position_embeddings,
-        vq_config=_TINY_VQ.to_dict(),
-        vocabulary_map=dict(vocabulary_map),
-        bos_token_id=vocabulary_map["<s>"],
-        pad_token_id=vocabulary_map["<pad>"],
-        eos_token_id=vocabulary_map["</s>"],
-    )
+    config = shape.chameleon_config(vocabulary_map, _TINY_VQ)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ChameleonForConditionalGeneration(config)
