@@ -32,7 +32,8 @@ def _methods(_: argparse.Namespace) -> int:
     table.add_column("name")
     table.add_column("description")
     for name, cls in METHODS.items():
-        table.add_row(name, (cls.__doc__ or "").strip().splitlines()[0])
+        doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
+        table.add_row(name, (doc.strip().splitlines() or [""])[0])
     Console().print(table)
     return 0
 

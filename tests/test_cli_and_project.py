@@ -23,6 +23,16 @@ def test_version_and_help(capsys):
     assert "pretrain-base" in capsys.readouterr().out
 
 
+def test_methods_lists_every_registered_method_with_a_description(capsys):
+    from trainables.methods import METHODS
+
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in METHODS:
+        [row] = [line for line in lines if f" {name} " in line]
+        assert len(row.split("│")[2].strip()) > 10, row
+
+
 def test_console_script_is_installed():
     result = subprocess.run(
         [str(Path(sys.executable).with_name("mode-cl")), "--help"], capture_output=True, text=True, check=False

@@ -14,6 +14,8 @@ from trainables.methods.registry import register_method
 
 @register_method
 class SeqLoRA(Method):
+    """One peft LoRA on all tokens (rank r·num_experts unless lora_r is set), carried across tasks."""
+
     NAME = "seq_lora"
 
     @property
