@@ -1,4 +1,4 @@
-"""CoIN evaluation sharded across workers (``SHARDED_EVAL``): two gloo processes on CPU, each with the
+"""CoIN evaluation sharded across workers (``sharded_eval``): two gloo processes on CPU, each with the
 same tiny real-layout model (MoDE attached, adapters randomised) and CoIN data with odd test counts
 (uneven shards, one of them empty), return the same accuracies, image-token scores, sampled
 text-to-image scores and responses as each other and as a single process."""
