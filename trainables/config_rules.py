@@ -174,6 +174,9 @@ def _parse_field(cls: type, field: dataclasses.Field, value: Any, path: str, dat
     rule: Rule | None = field.metadata.get(RULE)
     if rule is not None and rule.parse is not None:
         return rule.parse(value, path, data)
+    if rule is not None and rule.noun is not None:  # a registry name: any other value is an unknown name
+        rule.check(path, value)
+        return value
     expected, optional = _unwrap_optional(_hints(cls)[field.name])
     if value is None and optional:
         return None
