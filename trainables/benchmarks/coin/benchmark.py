@@ -347,31 +347,30 @@ def prepare(config: RunConfig, work_dir: Path, show_progress: bool = True) -> No
     and the model is read from its checkpoint."""
 
 
+def _model_config(config: RunConfig):
+    """The checkpoint's ``ChameleonConfig`` (read without loading weights)."""
+    from transformers import ChameleonConfig
+
+    from trainables.benchmarks.coin.chameleon import resolve_model_dir
+
+    return ChameleonConfig.from_pretrained(resolve_model_dir(config.coin.model, "coin.model"))
+
+
 def open(
     config: RunConfig,
     work_dir: Path,
     log: Callable[[str], None] = print,
     show_progress: bool = True,
     timer: Callable[[str], contextlib.AbstractContextManager] | None = None,
-):
-    from transformers import ChameleonConfig
-
-    from trainables.benchmarks.coin.chameleon import resolve_model_dir
-
+) -> CoinBenchmark:
     timer = timer or (lambda phase: contextlib.nullcontext())
     torch.manual_seed(config.seed)
     with timer("benchmark"):
-        model_config = ChameleonConfig.from_pretrained(resolve_model_dir(config.coin.model, "coin.model"))
-        return CoinBenchmark(config, model_config, log)
+        return CoinBenchmark(config, _model_config(config), log)
 
 
 def check_inputs(config: RunConfig) -> None:
     """Fail before anything starts if the model or the imported data are unusable: opening the
     benchmark reads the model's config and checks every task and split against the manifest
     (:class:`ModelSourceError` / :class:`CoinInputError`, both one-line user errors)."""
-    from transformers import ChameleonConfig
-
-    from trainables.benchmarks.coin.chameleon import resolve_model_dir
-
-    model_config = ChameleonConfig.from_pretrained(resolve_model_dir(config.coin.model, "coin.model"))
-    CoinBenchmark(config, model_config, log=lambda message: None)
+    CoinBenchmark(config, _model_config(config), log=lambda message: None)
