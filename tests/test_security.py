@@ -56,6 +56,31 @@ def test_secrets_from_the_environment_never_reach_mlflow_params(tmp_path, monkey
     assert secret not in json.dumps(params)
 
 
+def test_redact_survives_a_variable_removed_while_it_reads_the_environment():
+    """Another thread (MLflow's telemetry) may remove a variable between listing the names and
+    reading one: redact skips it instead of raising KeyError."""
+
+    from collections.abc import Mapping
+
+    class Vanishing(Mapping):  # like os.environ: items() lists names, then reads each value
+        def __init__(self, data):
+            self.data = data
+
+        def __iter__(self):  # list the names, then lose one, as a concurrent os.environ.pop would
+            names = list(self.data)
+            self.data.pop("_MLFLOW_TELEMETRY_SESSION_ID")
+            return iter(names)
+
+        def __getitem__(self, name):
+            return self.data[name]
+
+        def __len__(self):
+            return len(self.data)
+
+    environ = Vanishing({"_MLFLOW_TELEMETRY_SESSION_ID": "x" * 16, "API_TOKEN": "s3cr3t-value"})
+    assert redact("token s3cr3t-value", environ) == f"token {REDACTED}"
+
+
 def test_a_checkpoint_carrying_a_pickled_object_is_refused_not_executed(tmp_path):
     from tests.conftest import MICRO_RUN
     from trainables.config import load_run_config

@@ -172,9 +172,12 @@ def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
     """``text`` with the value of every secret-looking environment variable (name matching KEY,
     TOKEN, SECRET, PASSWORD, CREDENTIAL, AUTH; value of 8+ characters) replaced: a secret passed
     through a config value or a path must not reach MLflow params or logs."""
+    # os.environ is shared with other threads (MLflow's telemetry sets and removes variables):
+    # take a snapshot of the names, and skip a name that is gone by the time it is read.
     environ = os.environ if environ is None else environ
-    for name, value in environ.items():
-        if len(value) >= 8 and SECRET_NAME.search(name) and value in text:
+    for name in list(environ):
+        value = environ.get(name)
+        if value is not None and len(value) >= 8 and SECRET_NAME.search(name) and value in text:
             text = text.replace(value, REDACTED)
     return text
 
