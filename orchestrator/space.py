@@ -15,6 +15,10 @@
     num_samples: 1                     # repetitions of the grid (random draws for distributions)
     max_concurrent_trials: 2           # default: CPUs // CPUs per trial
     tracking: {checkpoints: all}       # all | final | none: task checkpoints logged to MLflow
+    max_trials: 1000                   # refuse a larger sweep (trials x num_samples) before any work
+
+A sweep's size is computed arithmetically (grid product x seeds, n! for all_orders_of) and refused
+above ``max_trials`` before anything is enumerated.
 
 Every error is one line naming the YAML path of the bad field (``grid.method.r[1]: must be > 0``).
 """
@@ -30,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from trainables.config import ConfigError, RunConfig, load_run_config_dict, read_config_file
 from trainables.config_rules import field_type
@@ -48,7 +51,9 @@ TOP_LEVEL = (
     "num_samples",
     "max_concurrent_trials",
     "tracking",
+    "max_trials",
 )
+DEFAULT_MAX_TRIALS = 1000
 DISTRIBUTIONS = ("choice", "loguniform", "uniform", "randint")
 OBJECTIVE_METRICS = ("avg_acc", "forgetting", "bwt", "gen_acc", "gen_fd", "inter_modal_forgetting", "fwt")
 
@@ -87,6 +92,20 @@ def _unknown(path: str, key: str, known: tuple[str, ...] | list[str]) -> None:
     close = difflib.get_close_matches(str(key), list(known), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
     _fail(f"{path}{key}" if path else str(key), f"unknown key{hint}")
+
+
+def _task_order_count(value: Any) -> int | None:
+    """How many task orders ``value`` stands for, computed without enumerating them (None: not a
+    task-order value; its own checks report that)."""
+    if isinstance(value, list):
+        return len(value)
+    if isinstance(value, dict) and isinstance(value.get("all_orders_of"), list):
+        return math.factorial(len(value["all_orders_of"]))
+    if isinstance(value, dict) and isinstance(value.get("orders"), list):
+        return len(value["orders"])
+    if isinstance(value, dict) and isinstance(value.get("permutations"), int):
+        return value["permutations"]
+    return None
 
 
 def _task_orders(value: Any, path: str, seed: int) -> list[list[str]]:
@@ -144,11 +163,7 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "sweep space file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        raise ConfigError(None, f"{path}:{f' line {mark.line + 1}' if mark else ''} is not valid YAML") from None
+    data = read_config_file(path)  # not UTF-8 text, or not YAML: one line
     if not isinstance(data, dict):
         raise ConfigError(str(path), "expected a mapping of sweep settings")
     for key in data:
@@ -185,6 +200,13 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
     grid = data.get("grid") or {}
     if not isinstance(grid, dict):
         _fail("grid", "expected a mapping of config paths to value lists or distributions")
+    extras = data.get("extra_trials") or []
+    if not isinstance(extras, list) or not all(isinstance(e, dict) for e in extras):
+        _fail("extra_trials", "expected a list of mappings of config overrides")
+    num_samples = data.get("num_samples", 1)
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples <= 0:
+        _fail("num_samples", f"expected a positive integer, got {num_samples!r}")
+    _check_size(data, base, fixed, grid, extras, len(seeds), num_samples)
     grid_values: dict[str, list] = {}
     distributions: dict[str, tuple[str, list]] = {}
     for key, value in grid.items():
@@ -201,10 +223,6 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
         if not isinstance(value, list) or not value:
             _fail(key_path, "expected a non-empty list of values")
         grid_values[key] = value
-
-    extras = data.get("extra_trials") or []
-    if not isinstance(extras, list) or not all(isinstance(e, dict) for e in extras):
-        _fail("extra_trials", "expected a list of mappings of config overrides")
 
     combos = [dict(zip(grid_values, values, strict=True)) for values in itertools.product(*grid_values.values())]
     if not grid_values:
@@ -232,6 +250,8 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
     for key in scheduler:
         if key not in ("type", "grace_period", "reduction_factor"):
             _unknown("scheduler.", key, ["type", "grace_period", "reduction_factor"])
+    if scheduler.get("type") == "asha":
+        _check_asha(scheduler, min(len(config.tasks) for config in configs))
 
     if scheduler.get("type") == "asha" and (metric.startswith("gen_") or metric == "inter_modal_forgetting"):
         # ASHA compares trials on the objective after every task: it must exist at every stage.
@@ -253,10 +273,6 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
             _fail("search.type", "optuna is not installed; pip install optuna, or use grid/random")
         if grid_values:
             _fail("grid", "optuna samples distributions only: write {choice: [...]} instead of plain lists")
-
-    num_samples = data.get("num_samples", 1)
-    if not isinstance(num_samples, int) or num_samples <= 0:
-        _fail("num_samples", f"expected a positive integer, got {num_samples!r}")
 
     cpus_per_trial = configs[0].resources.cpus_per_worker * configs[0].resources.num_workers
     cpus = cpus_available if cpus_available is not None else os.cpu_count() or 1
@@ -292,6 +308,58 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
         max_concurrent_trials=concurrency,
         checkpoints_to_mlflow=checkpoints,
     )
+
+
+def _check_asha(scheduler: dict[str, Any], tasks: int) -> None:
+    """ASHA's settings, in Ray's units (tasks learned): grace_period in [1, tasks of the shortest
+    sequence], reduction_factor a number > 1 (2-4 are usual)."""
+    grace = scheduler.get("grace_period", 1)
+    if not isinstance(grace, int) or isinstance(grace, bool) or not 1 <= grace <= tasks:
+        _fail(
+            "scheduler.grace_period",
+            f"expected an integer from 1 to {tasks} (tasks in the shortest sequence), got {grace!r}",
+        )
+    factor = scheduler.get("reduction_factor", 2)
+    if not isinstance(factor, int | float) or isinstance(factor, bool) or not 1 < factor <= 100:
+        _fail("scheduler.reduction_factor", f"expected a number above 1 and at most 100 (usually 2-4), got {factor!r}")
+
+
+def _check_size(
+    data: dict[str, Any],
+    base: dict[str, Any],
+    fixed: dict[str, Any],
+    grid: dict[str, Any],
+    extras: list[dict[str, Any]],
+    seeds: int,
+    num_samples: int,
+) -> None:
+    """Refuse a sweep of more than ``max_trials`` trials from its size alone, computed as
+    (product of the grid's list lengths, n! for ``all_orders_of``) x seeds x num_samples, plus the
+    extra trials x seeds x num_samples, before any trial is enumerated or checked."""
+    limit = data.get("max_trials", DEFAULT_MAX_TRIALS)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        _fail("max_trials", f"expected a positive integer, got {limit!r}")
+    factors = []
+    for key, value in grid.items():
+        if key == "tasks":
+            orders = value.get("all_orders_of") if isinstance(value, dict) else None
+            if isinstance(orders, list) and orders:
+                # The names are checked once, before n! orders of them would be.
+                _check(base, {**fixed, "tasks": orders}, "grid.tasks.all_orders_of")
+            count = _task_order_count(value)
+        else:
+            count = len(value) if isinstance(value, list) else None  # a distribution: one draw per sample
+        if count is not None and count > 0:
+            factors.append(count)
+    combos = math.prod(factors) if factors else (0 if extras else 1)
+    size = (combos + len(extras)) * seeds * num_samples
+    if size > limit:
+        shape = " x ".join(str(f) for f in factors) or "1"
+        _fail(
+            "max_trials",
+            f"this sweep has {size:,} trials (grid {shape}, + {len(extras)} extra, x {seeds} seeds x {num_samples} "
+            f"samples), above the limit of {limit:,}; shrink the grid or set max_trials: {size} in the space file",
+        )
 
 
 def _check_distribution(base, fixed, key: str, kind: str, args: Any, path: str) -> None:

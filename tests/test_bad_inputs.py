@@ -63,6 +63,32 @@ CASES = {
         ],
         "grid.method.r[1]: must be > 0",
     ),
+    "binary space file": (lambda t: ["validate", _write_bytes(t, "space.yaml", bytes(range(256)))], "cannot be read"),
+    "binary config file": (lambda t: ["run", _write_bytes(t, "run.yaml", b"\x89PNG\r\n\x1a\n\xff")], "cannot be read"),
+    "rank above the layer width": (
+        lambda t: ["run", "--set", "method.r=100000000"],
+        "method.r: adapter rank 100000000 is above the width of gate_proj (128→344); use at most 128",
+    ),
+    "adapter above memory": (  # ~580 GB of adapter: above any one machine's memory
+        lambda t: ["run", "--set", "method.r=128", "--set", "method.num_experts=100000"],
+        "GiB (parameters x 16 bytes)",
+    ),
+    "12 orders of unknown tasks": (
+        lambda t: ["validate", _space(t, "grid:\n  tasks: {all_orders_of: [next, a, b, c, d, e, f, g, h, i, j, k]}\n")],
+        "grid.tasks.all_orders_of: unknown task 'a'",
+    ),
+    "sweep above max_trials": (
+        lambda t: ["validate", _space(t, "grid:\n  tasks: {permutations: 1000000000, of: [next, parity]}\n")],
+        "max_trials: this sweep has 1,000,000,000 trials",
+    ),
+    "asha grace_period 0": (
+        lambda t: ["validate", _space(t, "scheduler: {type: asha, grace_period: 0}\n")],
+        "scheduler.grace_period: expected an integer from 1 to 4",
+    ),
+    "asha reduction_factor 1": (
+        lambda t: ["validate", _space(t, "scheduler: {type: asha, reduction_factor: 1}\n")],
+        "scheduler.reduction_factor: expected a number above 1",
+    ),
     "resume unknown sweep": (lambda t: ["resume", "never-ran"], "no sweep at"),
     "report unknown sweep": (lambda t: ["report", "never-ran"], "no sweep at"),
     "gc unknown sweep": (lambda t: ["gc", "never-ran"], "no sweep at"),
@@ -72,6 +98,15 @@ CASES = {
     ),
 }
 WORK_DIR_COMMANDS = {"run", "sweep", "resume", "report", "gc"}
+
+
+def _write_bytes(tmp_path: Path, name: str, data: bytes) -> str:
+    (tmp_path / "inputs" / name).write_bytes(data)
+    return str(tmp_path / "inputs" / name)
+
+
+def _space(tmp_path: Path, text: str) -> str:
+    return _write(tmp_path, "space.yaml", f"run_config: {ROOT}/search_spaces/digits.yaml\n{text}")
 
 
 def _write(tmp_path: Path, name: str, text: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from trainables.adapter_budget import check_adapter_fits
 from trainables.benchmarks.coin.config import T2I_FIELDS, CoinConfig
 from trainables.benchmarks.digits.config import BaseModelConfig, DigitsConfig
 from trainables.benchmarks.digits.data import continual_tasks
@@ -157,6 +158,10 @@ class RunConfig:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.train.warmup_ratio}")
         if not 0 < self.data.test_images < 1797 - 100:
             raise ValueError("data.test_images must leave at least 100 of the 1,797 digits for training")
+        if self.coin is None:  # the tiny model's shape is in this config; CoIN's is checked when it opens
+            check_adapter_fits(
+                self.method, self.base.hidden_size, self.base.intermediate_size, self.base.num_hidden_layers
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = json.loads(json.dumps(asdict(self)))

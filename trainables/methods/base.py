@@ -105,6 +105,12 @@ class Method:
     def attach(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    @classmethod
+    def adapter_factors(cls, config: MethodConfig) -> list[tuple[str, int]]:
+        """One ``(config field, rank)`` per low-rank pair attached to every targeted layer: checked
+        against the model's widths and memory before it loads (:mod:`trainables.adapter_budget`)."""
+        return [("method.r", config.r)]
+
     def teacher(self, model: nn.Module) -> AbstractContextManager:
         raise NotImplementedError
 
@@ -160,6 +166,11 @@ class MoDEFamily(Method):
     @property
     def uses_teacher_cache(self) -> bool:
         return self.USES_KD and self.config.kd_teacher == "cached" and self.config.kd_weight > 0
+
+    @classmethod
+    def adapter_factors(cls, config: MethodConfig) -> list[tuple[str, int]]:
+        """r for each of the num_experts LoRA experts, and for the V-Adapter when there is one."""
+        return [("method.r", config.r)] * (config.num_experts + int(cls.IMAGE_ADAPTER))
 
     def attach(self, model: nn.Module) -> nn.Module:
         flags = {"image_adapter": self.IMAGE_ADAPTER, "experts_on_image_tokens": self.EXPERTS_ON_IMAGE_TOKENS}

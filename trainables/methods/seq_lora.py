@@ -8,7 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from trainables.adapter_io import assign_strict, compare_configs, read_adapter, save_adapter
-from trainables.methods.base import Method
+from trainables.methods.base import Method, MethodConfig
 from trainables.methods.registry import register_method
 
 
@@ -21,6 +21,11 @@ class SeqLoRA(Method):
     @property
     def rank(self) -> int:
         return self.config.lora_r or self.config.r * self.config.num_experts
+
+    @classmethod
+    def adapter_factors(cls, config: MethodConfig) -> list[tuple[str, int]]:
+        field = "method.lora_r" if config.lora_r else "method.r"
+        return [(field, config.lora_r or config.r * config.num_experts)]
 
     def _adapter_config(self) -> dict:
         return {

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainables.adapter_budget import check_adapter_fits
 from trainables.batching import SampleSet
 from trainables.benchmarks.coin.chameleon import load_chameleon, tokens_per_image
 from trainables.benchmarks.coin.decoding import greedy_decode
@@ -372,5 +373,10 @@ def open(
 def check_inputs(config: RunConfig) -> None:
     """Fail before anything starts if the model or the imported data are unusable: opening the
     benchmark reads the model's config and checks every task and split against the manifest
-    (:class:`ModelSourceError` / :class:`CoinInputError`, both one-line user errors)."""
-    CoinBenchmark(config, _model_config(config), log=lambda message: None)
+    (:class:`ModelSourceError` / :class:`CoinInputError`, both one-line user errors), and the
+    adapter against the checkpoint's widths and this machine's memory (a :class:`ConfigError`)."""
+    model_config = _model_config(config)
+    check_adapter_fits(
+        config.method, model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
+    )
+    CoinBenchmark(config, model_config, log=lambda message: None)
