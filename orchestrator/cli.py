@@ -11,10 +11,14 @@ mode-cl data import-coin --model M --out DIR [--task NAME --train F --test F]...
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from trainables import __version__
 from trainables.errors import UserError
@@ -347,11 +351,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return EXIT_USAGE
+    previous = stop_on_signals()
+    _stopped_by.clear()
     try:
-        return args.func(args)
+        code = args.func(args)
     except UserError as error:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"mode-cl: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP: what this command started is stopped by now
+        _stopped_by.append(_stopped_by[-1] if _stopped_by else signal.SIGINT)
+        code = 0
+    finally:
+        for stopping, handler in previous.items():
+            signal.signal(stopping, handler)
+    if _stopped_by:  # also when Ray Tune took the signal and ended the sweep itself
+        print(f"mode-cl: stopped by {signal.Signals(_stopped_by[-1]).name}", file=sys.stderr)
+        return 128 + _stopped_by[-1]
+    return code
+
+
+_stopped_by: list[int] = []  # the stopping signals received during this command
+
+
+def _stop_as_interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM and SIGHUP take Ctrl-C's path, so that every ``finally`` runs (the MLflow server and
+    Ray started here are stopped) instead of the process dying with its servers left running. While
+    Ray Tune runs, its own SIGINT handler is called (it stops the trials and saves the sweep)."""
+    _stopped_by.append(signum)
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signal.SIGINT, frame)
+        return
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> dict[int, Any]:
+    """Install :func:`_stop_as_interrupt` for SIGTERM and SIGHUP (main thread only); returns the
+    handlers it replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {stopping: signal.signal(stopping, _stop_as_interrupt) for stopping in (signal.SIGTERM, signal.SIGHUP)}
 
 
 if __name__ == "__main__":

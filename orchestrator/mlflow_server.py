@@ -30,6 +30,19 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def stop_server(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    """Stop a server we started in its own session: SIGTERM (``mlflow server`` forwards it to its
+    uvicorn child and waits for it), then SIGKILL for whatever of its process group is left."""
+    if process.poll() is None:
+        process.terminate()
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=timeout_s)
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # a child that outlived its parent
+    with suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
+
+
 def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, store: Path) -> None:
     deadline = time.monotonic() + timeout_s
     while not _healthy(url):
@@ -113,8 +126,8 @@ def start_detached(
         )
     try:
         _wait_healthy(url, process, timeout_s, store)
-    except RuntimeError:
-        process.kill()
+    except BaseException:  # it never answered, or this command was stopped while it booted
+        stop_server(process)
         raise
     pid_file.write_text(str(process.pid))
     uri_file.write_text(url)
@@ -169,8 +182,13 @@ def tracking_server(
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with (store / "server.log").open("ab") as server_log:
+        # Its own session: a terminal's Ctrl-C reaches only us, and we stop it (with its children).
         process = subprocess.Popen(
-            server_command(store, port), stdout=server_log, stderr=subprocess.STDOUT, env=server_env()
+            server_command(store, port),
+            stdout=server_log,
+            stderr=subprocess.STDOUT,
+            env=server_env(),
+            start_new_session=True,
         )
     try:
         if while_starting is not None:
@@ -193,11 +211,7 @@ def tracking_server(
             threading.Thread(target=watch, name="mlflow-ready", daemon=True).start()
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_server(process)
 
 
 def resolve_tracking_uri(explicit: str | None) -> str | None:
@@ -209,7 +223,11 @@ def serve_forever(store: Path, port: int) -> int:
     """``mode-cl ui``: run the server in the foreground until interrupted."""
     store.mkdir(parents=True, exist_ok=True)
     print(f"MLflow UI: http://127.0.0.1:{port}  (store {store.resolve()}; Ctrl-C to stop)", flush=True)
-    return subprocess.call(server_command(store, port), env=server_env())
+    process = subprocess.Popen(server_command(store, port), env=server_env(), start_new_session=True)
+    try:
+        return process.wait()
+    finally:  # Ctrl-C, or SIGTERM/SIGHUP (turned into KeyboardInterrupt by the CLI): the server goes too
+        stop_server(process)
 
 
 def relay(store: Path, port: int) -> int:

@@ -16,6 +16,9 @@ and the tracking server side by side.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,6 +216,27 @@ def _tuner(space: SweepSpace, context: DriverContext, storage: str, restore_path
     )
 
 
+def fit_or_interrupt(tuner: Any) -> None:
+    """``tuner.fit()``; if a SIGINT (or a SIGTERM/SIGHUP the CLI passes on as one) ended it, raise
+    KeyboardInterrupt afterwards. Tune's own handler stops the trials and saves the sweep, then
+    ``fit`` returns as if the sweep were done: the command must stop instead, and say so.
+
+    Tune's handler puts back the handler it replaced when it fires, and stays installed when it
+    does not; so "the handler after fit is the one from before" means it fired. Either way the
+    handler from before is put back."""
+    if threading.current_thread() is not threading.main_thread():
+        tuner.fit()
+        return
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        tuner.fit()
+        fired = signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if fired and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0":
+        raise KeyboardInterrupt
+
+
 def start_sweep(
     space: SweepSpace, work_dir: Path, storage: str, tracking: TrackingChoice, address: str | None, log: Log
 ) -> Rows:
@@ -254,7 +278,7 @@ def _run_new_sweep(
     log(f"sweep {space.name}: {space.size} trials, {space.max_concurrent_trials} at a time, storage {directory}")
     with parent_status_on_failure(parent):
         init_ray(address)
-        _tuner(space, _context(space, work_dir, storage, parent), storage).fit()
+        fit_or_interrupt(_tuner(space, _context(space, work_dir, storage, parent), storage))
     return finish_sweep(directory, tracking_uri, log)
 
 
@@ -301,7 +325,7 @@ def resume_sweep(sweep: RestoredSweep, tracking_uri: str | None, log: Log) -> Ro
     """Finish a sweep that :func:`restore_sweep` restored: trials that were done stay done, the
     others go on from their newest checkpoint, logging into their existing MLflow child runs."""
     with parent_status_on_failure(sweep.parent):
-        sweep.tuner.fit()
+        fit_or_interrupt(sweep.tuner)
     return finish_sweep(sweep.directory, tracking_uri, log)
 
 

@@ -1,0 +1,109 @@
+"""Every command that starts a server or Ray stops what it started when SIGTERM, SIGINT or SIGHUP is
+sent to its own process only (as a supervisor, `timeout` or a closed terminal does), exits with
+128 + the signal and says so in one line: no MLflow server left on its port, no Ray process left of
+its session."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.faults._helpers import MODE_CL, RAY, free_port, ray_processes, ray_temp_dir, wait_until
+from tests.faults.test_sweep_faults import MICRO_RUN
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _processes_on(port: int) -> list[str]:
+    """Command lines naming ``--port PORT`` (the mlflow CLI and its uvicorn child both do)."""
+    found = subprocess.run(["pgrep", "-af", f"--port {port}( |$)"], capture_output=True, text=True).stdout
+    return [line for line in found.splitlines() if "pgrep" not in line]
+
+
+def _stop(process: subprocess.Popen, stopping: signal.Signals, log: Path) -> None:
+    process.send_signal(stopping)  # to this process alone, not its group
+    try:
+        code = process.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise AssertionError(f"still running 180 s after {stopping.name}: {log.read_text()[-3000:]}") from None
+    assert code == 128 + stopping, log.read_text()[-3000:]
+    assert f"mode-cl: stopped by {stopping.name}" in log.read_text()
+
+
+def _server_port(log: Path) -> int | None:
+    found = re.search(r"MLflow tracking server: http://127\.0\.0\.1:(\d+)", log.read_text())
+    return int(found.group(1)) if found else None
+
+
+@pytest.mark.parametrize("stopping", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_ui_stops_its_mlflow_server(stopping, tmp_path):
+    port = free_port()
+    log = tmp_path / "ui.log"
+    with log.open("w") as out:
+        ui = subprocess.Popen(
+            [MODE_CL, "ui", "--work-dir", str(tmp_path / "work"), "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        assert wait_until(lambda: _answers(port) or ui.poll() is not None, 120), log.read_text()
+        assert _answers(port), log.read_text()
+        _stop(ui, stopping, log)
+        assert wait_until(lambda: not _answers(port) and not _processes_on(port), 30), _processes_on(port)
+    finally:
+        if ui.poll() is None:
+            os.killpg(ui.pid, signal.SIGKILL)
+
+
+def _start_train_and_stop(
+    argv: list[str], stopping: signal.Signals, log: Path, env: dict, temp_dir: Path, expect_server: bool
+) -> None:
+    with log.open("w") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        # Stop it while it trains: Ray is up (and for sweeps, the MLflow server answers).
+        training = lambda: "[mode-cl worker]" in log.read_text()  # noqa: E731
+        assert wait_until(lambda: training() or process.poll() is not None, 400), log.read_text()[-3000:]
+        assert training(), log.read_text()[-3000:]
+        port = _server_port(log)
+        assert (port is not None) == expect_server, log.read_text()[-3000:]
+        assert ray_processes(temp_dir)
+        _stop(process, stopping, log)
+        assert wait_until(lambda: not ray_processes(temp_dir), 60), ray_processes(temp_dir)
+        if port is not None:
+            assert wait_until(lambda: not _answers(port) and not _processes_on(port), 30), _processes_on(port)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_sweep_resume_and_run_stop_ray_and_mlflow(tmp_path):
+    """SIGTERM to `mode-cl sweep` while its trials train, SIGINT to the `mode-cl resume` of that
+    sweep, SIGHUP to a Ray Train `mode-cl run`: each stops its local Ray and its MLflow server."""
+    (tmp_path / "micro.yaml").write_text(MICRO_RUN)
+    space = tmp_path / "stopped.yaml"
+    space.write_text("name: stopped\nrun_config: micro.yaml\ngrid:\n  method.kd_weight: [0.0, 0.3]\n")
+    temp_dir = ray_temp_dir()
+    env = {**os.environ, "RAY_TMPDIR": str(temp_dir)}
+    env.pop("RAY_ADDRESS", None)
+    common = ["--work-dir", str(tmp_path / "work")]
+    commands = {
+        "sweep": ([MODE_CL, "sweep", str(space), *common, "--storage", str(tmp_path / "sweeps")], signal.SIGTERM),
+        "resume": ([MODE_CL, "resume", "stopped", *common, "--storage", str(tmp_path / "sweeps")], signal.SIGINT),
+        "run": ([MODE_CL, "run", str(tmp_path / "micro.yaml"), *common, "--name", "stopped-run"], signal.SIGHUP),
+    }
+    try:
+        for name, (argv, stopping) in commands.items():
+            _start_train_and_stop(argv, stopping, tmp_path / f"{name}.log", env, temp_dir, expect_server=name != "run")
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, check=False)
