@@ -351,6 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return EXIT_USAGE
+    if not (getattr(args, "address", None) or getattr(args, "cluster", None) or getattr(args, "no_ray", False)):
+        from orchestrator.ray_runtime import prefer_loopback
+
+        prefer_loopback()  # a Ray this command starts listens on loopback only
     previous = stop_on_signals()
     _stopped_by.clear()
     try:

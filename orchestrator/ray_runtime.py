@@ -7,12 +7,29 @@ Ray call; on a ``ray up`` cluster the driver runs on the head and joins with ``-
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Sweep trial drivers reserve a sliver of this custom resource instead of CPU: a fractional CPU per
 # driver leaves e.g. 0.98 of the second core free, so a second 1-CPU Train worker never fits.
 # cluster.yaml gives the head node TRAIN_DRIVER, which also keeps drivers off preemptible workers.
 DRIVER_RESOURCE = "TRAIN_DRIVER"
+
+# Ray's switch for "this machine may join a multi-node cluster". Off, a local Ray takes loopback as
+# its node address and binds every server to it: GCS, raylet, object manager, workers, dashboard
+# and runtime-env agents (checked with Ray 2.60 and `ss -ltnp`; with it on, they listen on `*`).
+# Ray reads it when it is imported, so it is set before that; a cluster join leaves it alone.
+LOOPBACK_ONLY_ENV = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def prefer_loopback() -> None:
+    """Make a local Ray started by this process listen on loopback only. Call it before Ray is
+    imported, and only when no cluster address is given (a driver joining a cluster must announce
+    its real address). A value the user set wins."""
+    os.environ.setdefault(*LOOPBACK_ONLY_ENV)
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -25,15 +42,38 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if address:
         _token_auth_for_explicit_address(address)
-        ray.init(address=address, log_to_driver=True)
-    else:
+        with _sigterm_handler_kept():
+            ray.init(address=address, log_to_driver=True)
+        return
+    from ray._private import ray_constants
+
+    # Loopback as the node address, where prefer_loopback() took effect before Ray was imported.
+    loopback = {} if ray_constants.ENABLE_RAY_CLUSTER else {"_node_ip_address": "127.0.0.1"}
+    with _sigterm_handler_kept():
         ray.init(
             num_cpus=num_cpus,
             resources={DRIVER_RESOURCE: 1.0},
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             log_to_driver=True,
+            **loopback,
         )
+
+
+@contextmanager
+def _sigterm_handler_kept() -> Iterator[None]:
+    """``ray.init`` replaces this process's SIGTERM handler twice: in Python (``sys.exit(15)``) and
+    in its core worker (a fatal-signal handler that prints a stack trace and aborts, skipping every
+    ``finally``). Put back the handler from before (the CLI's: see
+    ``orchestrator.cli.stop_on_signals``), so SIGTERM stops the command cleanly."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
 
 
 def _token_auth_for_explicit_address(address: str) -> None:

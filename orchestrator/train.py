@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +79,22 @@ def refuse_changed_config(checkpoints: Path | None, config: RunConfig, name: str
         return
 
 
+def _one_worker_config() -> Any:
+    """Ray Train's TorchConfig without its backend for a one-worker run: no torch.distributed
+    process group, which a single worker does not need, and so no c10d TCPStore, which torch 2.13
+    binds to every interface (it has no setting for the address). The engine sees world size 1
+    either way; a run with several workers keeps the process group (see RELIABILITY.md)."""
+    from ray.train.backend import Backend
+    from ray.train.torch import TorchConfig
+
+    class OneWorkerTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self) -> type[Backend]:
+            return Backend  # every hook a no-op
+
+    return OneWorkerTorchConfig()
+
+
 def torch_trainer(
     config: RunConfig, loop: LoopConfig, name: str, storage: str, callbacks: list[Any] | None = None
 ) -> Any:
@@ -94,6 +112,7 @@ def torch_trainer(
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=loop.to_dict(),
+        torch_config=_one_worker_config() if resources.num_workers == 1 else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker
         ),
@@ -107,6 +126,22 @@ def torch_trainer(
             worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("MODE_CL_")}},
         ),
     )
+
+
+def fit_or_interrupt(trainer: Any) -> Any:
+    """``trainer.fit()``, where a stop is a KeyboardInterrupt: Ray Train's own SIGINT handler
+    (installed by ``fit`` in the main thread, and left installed) aborts the run and ends it with
+    ``sys.exit``; the CLI then says the command was stopped, and by which signal. The SIGINT
+    handler from before ``fit`` is put back."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    except SystemExit:
+        raise KeyboardInterrupt from None
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, before if before is not None else signal.SIG_DFL)
 
 
 def run_with_ray(
@@ -128,7 +163,7 @@ def run_with_ray(
     init_ray(address)
     run_dir = str(local_run_dir.resolve()) if local_run_dir is not None else None
     trainer = torch_trainer(config, LoopConfig(config.to_dict(), str(work_dir), run_dir), name, storage)
-    result = trainer.fit()
+    result = fit_or_interrupt(trainer)
     if result.error is not None:
         raise result.error
     with result.checkpoint.as_directory() as directory:

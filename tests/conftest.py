@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Every Ray the tests start (ray.init, ray.cluster_utils, `ray start` in a subprocess) listens on
+# loopback only: set before anything imports Ray (see orchestrator.ray_runtime.prefer_loopback).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 import pytest
 import torch
 

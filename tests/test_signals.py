@@ -1,7 +1,8 @@
 """Every command that starts a server or Ray stops what it started when SIGTERM, SIGINT or SIGHUP is
 sent to its own process only (as a supervisor, `timeout` or a closed terminal does), exits with
 128 + the signal and says so in one line: no MLflow server left on its port, no Ray process left of
-its session."""
+its session. While they run, every socket their process tree listens on is a loopback one (the
+documented set in RELIABILITY.md: all of them), so any new wide listener fails here."""
 
 from __future__ import annotations
 
@@ -41,6 +42,32 @@ def _stop(process: subprocess.Popen, stopping: signal.Signals, log: Path) -> Non
     assert f"mode-cl: stopped by {stopping.name}" in log.read_text()
 
 
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def _wide_listeners(root_pid: int, temp_dir: Path) -> tuple[int, list[str]]:
+    """(listening sockets seen, those not on loopback) of the process tree under ``root_pid`` and
+    of every process of the Ray session under ``temp_dir``."""
+    import psutil
+
+    root = psutil.Process(root_pid)
+    processes = {root, *root.children(recursive=True)}
+    processes |= {psutil.Process(int(line.split()[0])) for line in ray_processes(temp_dir)}
+    seen, wide = 0, []
+    for process in processes:
+        try:
+            connections = process.net_connections(kind="inet")
+            name = process.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for connection in connections:
+            if connection.status == psutil.CONN_LISTEN:
+                seen += 1
+                if connection.laddr.ip not in LOOPBACK:
+                    wide.append(f"{name} (pid {process.pid}) on {connection.laddr.ip}:{connection.laddr.port}")
+    return seen, wide
+
+
 def _server_port(log: Path) -> int | None:
     found = re.search(r"MLflow tracking server: http://127\.0\.0\.1:(\d+)", log.read_text())
     return int(found.group(1)) if found else None
@@ -78,6 +105,8 @@ def _start_train_and_stop(
         port = _server_port(log)
         assert (port is not None) == expect_server, log.read_text()[-3000:]
         assert ray_processes(temp_dir)
+        seen, wide = _wide_listeners(process.pid, temp_dir)
+        assert seen >= 3 and not wide, (seen, wide)  # at least GCS, raylet and a worker listen
         _stop(process, stopping, log)
         assert wait_until(lambda: not ray_processes(temp_dir), 60), ray_processes(temp_dir)
         if port is not None:
