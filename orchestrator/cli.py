@@ -367,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = 0
     finally:
         for stopping, handler in previous.items():
-            signal.signal(stopping, handler)
+            signal.signal(stopping, handler if handler is not None else signal.SIG_DFL)
     if _stopped_by:  # also when Ray Tune took the signal and ended the sweep itself
         print(f"mode-cl: stopped by {signal.Signals(_stopped_by[-1]).name}", file=sys.stderr)
         return 128 + _stopped_by[-1]
@@ -390,11 +390,15 @@ def _stop_as_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def stop_on_signals() -> dict[int, Any]:
-    """Install :func:`_stop_as_interrupt` for SIGTERM and SIGHUP (main thread only); returns the
-    handlers it replaced."""
+    """Install :func:`_stop_as_interrupt` for SIGTERM and SIGHUP, and Python's KeyboardInterrupt
+    for SIGINT where it is ignored (a command started in the background by a shell ignores SIGINT,
+    so ``kill -INT`` would not stop it); main thread only. Returns the handlers it replaced."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {stopping: signal.signal(stopping, _stop_as_interrupt) for stopping in (signal.SIGTERM, signal.SIGHUP)}
+    replaced = {stopping: signal.signal(stopping, _stop_as_interrupt) for stopping in (signal.SIGTERM, signal.SIGHUP)}
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+        replaced[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    return replaced
 
 
 if __name__ == "__main__":

@@ -78,9 +78,12 @@ def test_ui_stops_its_mlflow_server(stopping, tmp_path):
     port = free_port()
     log = tmp_path / "ui.log"
     with log.open("w") as out:
+        # Started as a shell starts a background command: SIGINT ignored (inherited), which Python
+        # then leaves ignored; `kill -INT` must still stop it.
         ui = subprocess.Popen(
             [MODE_CL, "ui", "--work-dir", str(tmp_path / "work"), "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )  # fmt: skip
     try:
         assert wait_until(lambda: _answers(port) or ui.poll() is not None, 120), log.read_text()
