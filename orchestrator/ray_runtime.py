@@ -28,8 +28,9 @@ LOOPBACK_ONLY_ENV = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 def prefer_loopback() -> None:
     """Make a local Ray started by this process listen on loopback only. Call it before Ray is
     imported, and only when no cluster address is given (a driver joining a cluster must announce
-    its real address). A value the user set wins."""
-    os.environ.setdefault(*LOOPBACK_ONLY_ENV)
+    its real address; RAY_ADDRESS in the environment names one too). A value the user set wins."""
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault(*LOOPBACK_ONLY_ENV)
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
