@@ -390,12 +390,15 @@ def _stop_as_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def stop_on_signals() -> dict[int, Any]:
-    """Install :func:`_stop_as_interrupt` for SIGTERM and SIGHUP, and Python's KeyboardInterrupt
+    """Install :func:`_stop_as_interrupt` for SIGTERM and SIGHUP (unless SIGHUP is ignored, as under
+    nohup), and Python's KeyboardInterrupt
     for SIGINT where it is ignored (a command started in the background by a shell ignores SIGINT,
     so ``kill -INT`` would not stop it); main thread only. Returns the handlers it replaced."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    replaced = {stopping: signal.signal(stopping, _stop_as_interrupt) for stopping in (signal.SIGTERM, signal.SIGHUP)}
+    # A SIGHUP ignored on purpose (nohup) stays ignored: closing the terminal must not stop the command.
+    stopping = [signal.SIGTERM] + ([] if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else [signal.SIGHUP])
+    replaced = {number: signal.signal(number, _stop_as_interrupt) for number in stopping}
     if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
         replaced[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     return replaced

@@ -30,17 +30,43 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _libc_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _dies_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` (Linux) that makes the child receive SIGTERM when the process that started
+    it dies, however it dies: a driver SIGKILLed, or ended by a crashing Ray core worker, leaves no
+    server behind (``mlflow server`` passes SIGTERM on to its uvicorn child). Everything it calls is
+    resolved here, before the fork."""
+    prctl = _libc_prctl()
+    if prctl is None:
+        return None
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+    return lambda: prctl(pr_set_pdeathsig, sigterm)
+
+
 def stop_server(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
     """Stop a server we started in its own session: SIGTERM (``mlflow server`` forwards it to its
     uvicorn child and waits for it), then SIGKILL for whatever of its process group is left."""
-    if process.poll() is None:
-        process.terminate()
+    try:
+        if process.poll() is None:
+            process.terminate()
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=timeout_s)
+    finally:  # also when a second Ctrl-C interrupts the wait: the server is in its own session
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # a child that outlived its parent
         with suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=timeout_s)
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)  # a child that outlived its parent
-    with suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=5)
+            process.wait(timeout=5)
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, store: Path) -> None:
@@ -189,6 +215,7 @@ def tracking_server(
             stderr=subprocess.STDOUT,
             env=server_env(),
             start_new_session=True,
+            preexec_fn=_dies_with_parent(),
         )
     try:
         if while_starting is not None:
@@ -223,7 +250,9 @@ def serve_forever(store: Path, port: int) -> int:
     """``mode-cl ui``: run the server in the foreground until interrupted."""
     store.mkdir(parents=True, exist_ok=True)
     print(f"MLflow UI: http://127.0.0.1:{port}  (store {store.resolve()}; Ctrl-C to stop)", flush=True)
-    process = subprocess.Popen(server_command(store, port), env=server_env(), start_new_session=True)
+    process = subprocess.Popen(
+        server_command(store, port), env=server_env(), start_new_session=True, preexec_fn=_dies_with_parent()
+    )
     try:
         return process.wait()
     finally:  # Ctrl-C, or SIGTERM/SIGHUP (turned into KeyboardInterrupt by the CLI): the server goes too

@@ -164,7 +164,7 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
     if not path.is_file():
         raise ConfigError(str(path), "sweep space file not found")
     data = read_config_file(path)  # not UTF-8 text, or not YAML: one line
-    if not isinstance(data, dict):
+    if not data or not isinstance(data, dict):
         raise ConfigError(str(path), "expected a mapping of sweep settings")
     for key in data:
         if key not in TOP_LEVEL:
@@ -251,7 +251,7 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
         if key not in ("type", "grace_period", "reduction_factor"):
             _unknown("scheduler.", key, ["type", "grace_period", "reduction_factor"])
     if scheduler.get("type") == "asha":
-        _check_asha(scheduler, min(len(config.tasks) for config in configs))
+        _check_asha(scheduler, max(len(config.tasks) for config in configs))
 
     if scheduler.get("type") == "asha" and (metric.startswith("gen_") or metric == "inter_modal_forgetting"):
         # ASHA compares trials on the objective after every task: it must exist at every stage.
@@ -311,13 +311,13 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
 
 
 def _check_asha(scheduler: dict[str, Any], tasks: int) -> None:
-    """ASHA's settings, in Ray's units (tasks learned): grace_period in [1, tasks of the shortest
-    sequence], reduction_factor a number > 1 (2-4 are usual)."""
+    """ASHA's settings, in Ray's units (tasks learned): grace_period in [1, max_t] where max_t is the
+    longest sequence's task count, reduction_factor a number > 1 (2-4 are usual)."""
     grace = scheduler.get("grace_period", 1)
     if not isinstance(grace, int) or isinstance(grace, bool) or not 1 <= grace <= tasks:
         _fail(
             "scheduler.grace_period",
-            f"expected an integer from 1 to {tasks} (tasks in the shortest sequence), got {grace!r}",
+            f"expected an integer from 1 to {tasks} (tasks in the longest sequence), got {grace!r}",
         )
     factor = scheduler.get("reduction_factor", 2)
     if not isinstance(factor, int | float) or isinstance(factor, bool) or not 1 < factor <= 100:

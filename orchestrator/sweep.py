@@ -232,7 +232,7 @@ def fit_or_interrupt(tuner: Any) -> None:
         tuner.fit()
         fired = signal.getsignal(signal.SIGINT) is before
     finally:
-        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGINT, before if before is not None else signal.SIG_DFL)
     if fired and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0":
         raise KeyboardInterrupt
 

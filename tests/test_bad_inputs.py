@@ -69,7 +69,7 @@ CASES = {
         lambda t: ["run", "--set", "method.r=100000000"],
         "method.r: adapter rank 100000000 is above the width of gate_proj (128→344); use at most 128",
     ),
-    "adapter above memory": (  # ~580 GB of adapter: above any one machine's memory
+    "adapter above memory": (  # ~1.1 TiB to train this adapter: above any one machine's memory
         lambda t: ["run", "--set", "method.r=128", "--set", "method.num_experts=100000"],
         "GiB (parameters x 16 bytes)",
     ),

@@ -27,7 +27,7 @@ def _answers(port: int) -> bool:
 
 def _processes_on(port: int) -> list[str]:
     """Command lines naming ``--port PORT`` (the mlflow CLI and its uvicorn child both do)."""
-    found = subprocess.run(["pgrep", "-af", f"--port {port}( |$)"], capture_output=True, text=True).stdout
+    found = subprocess.run(["pgrep", "-af", "--", f"--port {port}( |$)"], capture_output=True, text=True).stdout
     return [line for line in found.splitlines() if "pgrep" not in line]
 
 
@@ -95,6 +95,25 @@ def test_ui_stops_its_mlflow_server(stopping, tmp_path):
             os.killpg(ui.pid, signal.SIGKILL)
 
 
+def test_ui_killed_outright_leaves_no_mlflow_server(tmp_path):
+    """SIGKILL runs no cleanup at all: the server still goes, because it is started to receive
+    SIGTERM when its parent dies (PR_SET_PDEATHSIG)."""
+    port = free_port()
+    ui = subprocess.Popen(
+        [MODE_CL, "ui", "--work-dir", str(tmp_path / "work"), "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: _answers(port) or ui.poll() is not None, 120)
+        assert _answers(port)
+        ui.kill()
+        assert ui.wait(timeout=30) == -signal.SIGKILL
+        assert wait_until(lambda: not _answers(port) and not _processes_on(port), 30), _processes_on(port)
+    finally:
+        if ui.poll() is None:
+            os.killpg(ui.pid, signal.SIGKILL)
+
+
 def _start_train_and_stop(
     argv: list[str], stopping: signal.Signals, log: Path, env: dict, temp_dir: Path, expect_server: bool
 ) -> None:
@@ -122,7 +141,8 @@ def _start_train_and_stop(
 def test_sweep_resume_and_run_stop_ray_and_mlflow(tmp_path):
     """SIGTERM to `mode-cl sweep` while its trials train, SIGINT to the `mode-cl resume` of that
     sweep, SIGHUP to a Ray Train `mode-cl run`: each stops its local Ray and its MLflow server."""
-    (tmp_path / "micro.yaml").write_text(MICRO_RUN)
+    # Ten times the micro sequence's steps: the commands are stopped long before it could end.
+    (tmp_path / "micro.yaml").write_text(MICRO_RUN.replace("epochs: 1, batch_size", "epochs: 10, batch_size"))
     space = tmp_path / "stopped.yaml"
     space.write_text("name: stopped\nrun_config: micro.yaml\ngrid:\n  method.kd_weight: [0.0, 0.3]\n")
     temp_dir = ray_temp_dir()

@@ -24,8 +24,8 @@ class SeqLoRA(Method):
 
     @classmethod
     def adapter_factors(cls, config: MethodConfig) -> list[tuple[str, int]]:
-        field = "method.lora_r" if config.lora_r else "method.r"
-        return [(field, config.lora_r or config.r * config.num_experts)]
+        # The one rank is lora_r (default r·num_experts): a too-large one is fixed by setting lora_r.
+        return [("method.lora_r", config.lora_r or config.r * config.num_experts)]
 
     def _adapter_config(self) -> dict:
         return {
