@@ -99,13 +99,14 @@ def _task_order_count(value: Any) -> int | None:
     task-order value; its own checks report that)."""
     if isinstance(value, list):
         return len(value)
-    if isinstance(value, dict) and isinstance(value.get("all_orders_of"), list):
-        return math.factorial(len(value["all_orders_of"]))
-    if isinstance(value, dict) and isinstance(value.get("orders"), list):
-        return len(value["orders"])
-    if isinstance(value, dict) and isinstance(value.get("permutations"), int):
-        return value["permutations"]
-    return None
+    if not isinstance(value, dict):
+        return None
+    # The same key precedence as _task_orders, so the count is that of the orders it builds.
+    for key, count in (("orders", len), ("all_orders_of", lambda v: math.factorial(len(v)))):
+        if key in value:
+            return count(value[key]) if isinstance(value[key], list) else None
+    permutations = value.get("permutations")
+    return permutations if isinstance(permutations, int) else None
 
 
 def _task_orders(value: Any, path: str, seed: int) -> list[list[str]]:
