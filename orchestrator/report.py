@@ -38,15 +38,19 @@ def print_results(results: dict[str, Any], console: Console | None = None) -> No
         )
     console.print(matrix)
     summary = Table(title="forgetting")
-    for column in ("avg acc", "forgetting", "BWT", "FWT", "inter-modal forgetting (gen acc drop)", "gen FD increase"):
+    columns = ["avg acc", "forgetting", "retention", "BWT", "FWT", "inter-modal forgetting (gen acc drop)"]
+    open_scored = "open_avg_acc" in results  # answers also scored over the whole vocabulary
+    for column in (*columns, "gen FD increase", *(("open-vocab avg acc", "open-vocab forgetting") * open_scored)):
         summary.add_column(column, justify="right")
     summary.add_row(
         _f(results["avg_acc"]),
         _f(results["forgetting"]),
+        _f(results.get("retention")),
         _f(results["bwt"]),
         _f(results["fwt"]),
         _f(results["inter_modal_forgetting"]),
         _f(results["gen_fd_increase"], 2),
+        *((_f(results["open_avg_acc"]), _f(results["open_forgetting"])) * open_scored),
     )
     console.print(summary)
 

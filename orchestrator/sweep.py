@@ -265,10 +265,10 @@ def _run_new_sweep(
     log: Log,
 ) -> Rows:
     from orchestrator.ray_runtime import init_ray
-    from trainables.benchmarks import prepare
+    from trainables.benchmarks import prepare_all
 
     work_dir = Path(work_dir).resolve()
-    prepare(space.configs[0], work_dir)  # data and base model built once, before trials start
+    prepare_all(space.configs, work_dir)  # data and base models built once, before trials start
     parent = create_parent_run(tracking_uri, space.path, space.name) if tracking_uri else None
     record = {"space": str(space.path.resolve()), "work_dir": str(work_dir), "storage": storage}
     record["space_settings"] = space_settings(space)  # what `resume` must find unchanged

@@ -31,7 +31,7 @@ def _run_config(tmp_path: Path, **changes) -> str:
 
 
 CASES = {
-    "malformed YAML": (lambda t: ["run", _write(t, "run.yaml", "tasks: [next\n")], "is not valid YAML"),
+    "malformed YAML": (lambda t: ["run", _write(t, "run.yaml", "tasks: [prime\n")], "is not valid YAML"),
     "wrong type": (lambda t: ["run", _run_config(t, train__lr="fast")], "train.lr: expected a number"),
     "unknown key": (lambda t: ["run", _write(t, "run.yaml", "trian: {lr: 0.1}\n")], "did you mean 'train'"),
     "empty task list": (lambda t: ["run", _run_config(t, tasks=[])], "tasks: expected a non-empty list"),
@@ -39,8 +39,8 @@ CASES = {
     "negative rank": (lambda t: ["run", "--set", "method.r=-4"], "method.r: must be > 0"),
     "negative lambda": (lambda t: ["run", _run_config(t, method__kd_weight=-0.3)], "method.kd_weight: must be ≥ 0"),
     "NaN lambda": (lambda t: ["run", "--set", "method.kd_weight=.nan"], "method.kd_weight: must be a finite number"),
-    "unknown task": (lambda t: ["run", "--set", "tasks=[next, parit]"], "did you mean 'parity'"),
-    "duplicate tasks": (lambda t: ["run", "--set", "tasks=[next, next]"], "appear more than once"),
+    "unknown task": (lambda t: ["run", "--set", "tasks=[prime, parit]"], "did you mean 'parity'"),
+    "duplicate tasks": (lambda t: ["run", "--set", "tasks=[prime, prime]"], "appear more than once"),
     "unknown method": (lambda t: ["run", "--set", "method=mod"], "unknown method 'mod'"),
     "bad --set": (lambda t: ["run", "--set", "method.r"], "expected KEY=VALUE"),
     "config file missing": (lambda t: ["run", str(t / "inputs" / "nope.yaml")], "config file not found"),
@@ -74,11 +74,11 @@ CASES = {
         "GiB (parameters x 16 bytes)",
     ),
     "12 orders of unknown tasks": (
-        lambda t: ["validate", _space(t, "grid:\n  tasks: {all_orders_of: [next, a, b, c, d, e, f, g, h, i, j, k]}\n")],
-        "grid.tasks.all_orders_of: unknown task 'a'",
+        lambda t: ["validate", _space(t, "grid:\n  tasks: {all_orders_of: [big, a, b, c, d, e, f, g, h, i, j, k]}\n")],
+        "grid.tasks.all_orders_of: unknown task 'big'",
     ),
     "sweep above max_trials": (
-        lambda t: ["validate", _space(t, "grid:\n  tasks: {permutations: 1000000000, of: [next, parity]}\n")],
+        lambda t: ["validate", _space(t, "grid:\n  tasks: {permutations: 1000000000, of: [prime, parity]}\n")],
         "max_trials: this sweep has 1,000,000,000 trials",
     ),
     "asha grace_period 0": (

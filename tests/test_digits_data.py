@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from trainables.benchmarks.digits.data import SCHEMA, DigitsConfig, build_digits, read_tasks, split_indices, vocabulary
+from trainables.benchmarks.digits.data import (
+    SCHEMA,
+    UNDERSTANDING_TASKS,
+    DigitsConfig,
+    SequenceBuilder,
+    balanced_choice,
+    build_digits,
+    read_tasks,
+    split_indices,
+    vocabulary,
+)
+from trainables.benchmarks.digits.evaluate import answer_accuracy
 from trainables.benchmarks.digits.tiny import make_vocabulary_map
-from trainables.benchmarks.digits.tokenizers import PixelQuantizer, WordTokenizer
+from trainables.benchmarks.digits.tokenizers import DIGIT_WORDS, PixelQuantizer, WordTokenizer
 from trainables.vocab import TokenIds
 
 SMALL = DigitsConfig(task_train=40, task_test=20)
@@ -46,7 +60,7 @@ def test_splits_are_disjoint_and_test_images_never_train(task_file):
     # identical 8×8 bitmaps can occur twice in the dataset; compare by index-free content only
     assert len(train_images & test_images) <= 2
     assert pq.read_schema(task_file).equals(SCHEMA, check_metadata=False)
-    assert set(table.column("task").to_pylist()) >= {"caption", "generate", "parity", "next", "previous", "bigsmall"}
+    assert set(table.column("task").to_pylist()) == {"caption", "identity", "generate", *UNDERSTANDING_TASKS}
 
 
 def test_sequences_follow_the_schema(task_file):
@@ -59,7 +73,7 @@ def test_sequences_follow_the_schema(task_file):
         if row["is_generation"]:
             assert row["image_start"] == row["answer_start"] and row["image_end"] == len(tokens) - 1
         else:
-            assert row["answer_text"] in ("even", "odd") and tokens[-1] == ids.eos
+            assert row["answer_text"] in ("yes", "no") and tokens[-1] == ids.eos
 
 
 def test_build_is_deterministic(tmp_path):
@@ -88,3 +102,98 @@ def test_base_model_cache_key_changes_with_config_data_and_code(monkeypatch):
     assert base_model.base_key(BaseModelConfig(), DigitsConfig(seed=1, task_train=40, task_test=20)) != key
     monkeypatch.setattr(base_model, "code_version", lambda: "edited")
     assert base_model.base_key(BaseModelConfig(), SMALL) != key
+
+
+# The "yes" digits of every continual task, written out by hand from the task's definition.
+YES_DIGITS = {
+    "parity": {0, 2, 4, 6, 8},
+    "bigsmall": {5, 6, 7, 8, 9},
+    "prime": {2, 3, 5, 7},
+    "square": {0, 1, 4, 9},
+    "triangular": {0, 1, 3, 6},
+    "fibonacci": {0, 1, 2, 3, 5, 8},
+}
+
+
+def test_every_task_answers_correctly_for_every_digit():
+    assert set(UNDERSTANDING_TASKS) == set(YES_DIGITS) and len(UNDERSTANDING_TASKS) >= 6
+    for task, spec in UNDERSTANDING_TASKS.items():
+        assert spec.answers == ("yes", "no")
+        assert [spec.answer(d) for d in range(10)] == ["yes" if d in YES_DIGITS[task] else "no" for d in range(10)]
+
+
+def test_task_rows_hold_the_right_answer_and_half_are_yes(task_file):
+    vocab = vocabulary(SMALL)
+    for task in UNDERSTANDING_TASKS:
+        for split, size in (("train", SMALL.task_train), ("test", SMALL.task_test)):
+            rows = read_tasks(task_file, [task], split).to_pylist()
+            assert len(rows) == size
+            assert sum(r["answer_text"] == "yes" for r in rows) == size // 2
+            for row in rows:
+                assert row["answer_text"] == ("yes" if row["digit"] in YES_DIGITS[task] else "no")
+                assert row["input_ids"][row["answer_start"]] == vocab[row["answer_text"]]
+
+
+def test_identity_questions_are_yes_exactly_for_the_shown_digit(task_file):
+    vocab = vocabulary(SMALL)
+    rows = read_tasks(task_file, ["identity"], "train").to_pylist()
+    asked_words = {vocab[w]: d for d, w in enumerate(DIGIT_WORDS)}
+    for row in rows:
+        asked = asked_words[row["input_ids"][row["answer_start"] - 2]]  # "is it <digit> <sep>"
+        assert row["answer_text"] == ("yes" if asked == row["digit"] else "no")
+    share_yes = sum(r["answer_text"] == "yes" for r in rows) / len(rows)
+    assert 0.45 < share_yes < 0.55
+
+
+def test_the_seed_varies_split_and_sampling(tmp_path):
+    other = DigitsConfig(task_train=40, task_test=20, seed=1)
+    assert not np.array_equal(split_indices(SMALL, 1797)[1], split_indices(other, 1797)[1])
+    first = read_tasks(build_digits(tmp_path / "s0", SMALL) / "tasks.parquet", ["prime"], "train")
+    second = read_tasks(build_digits(tmp_path / "s1", other) / "tasks.parquet", ["prime"], "train")
+    assert first.column("image").to_pylist() != second.column("image").to_pylist()
+
+
+def test_balanced_choice_takes_equal_shares_and_refuses_too_many():
+    rng = np.random.default_rng(0)
+    indices, answers = np.arange(10), np.array(["yes"] * 3 + ["no"] * 7)
+    picked = balanced_choice(indices, answers, 5, rng)
+    assert len(set(picked.tolist())) == 5
+    assert sorted(answers[picked].tolist()).count("yes") in (2, 3)
+    with pytest.raises(ValueError, match="only 3 images answer 'yes'"):
+        balanced_choice(indices, answers, 8, rng)
+
+
+class _LookBackLM(torch.nn.Module):
+    """A stand-in language model whose next-token logits at each position are ``table[previous
+    token]``: the logits after ``<question word> <sep>`` are the question word's row."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+        self.lm_head = torch.nn.Identity()
+        outer = self
+
+        class Decoder(torch.nn.Module):
+            def forward(self, input_ids, attention_mask=None, use_cache=False):
+                previous = torch.cat([input_ids[:, :1], input_ids[:, :-1]], dim=1)
+                return SimpleNamespace(last_hidden_state=outer.table[previous])
+
+        self.model = Decoder()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # answer_accuracy reads the device from a parameter
+
+
+def test_constrained_and_open_scoring_on_hand_made_logits():
+    vocab = vocabulary(DigitsConfig())
+    builder = SequenceBuilder(vocab, PixelQuantizer(8))
+    ids = builder.ids
+    table = torch.zeros(len(vocab), len(vocab))
+    prime, square = vocab["prime"], vocab["square"]
+    # after "prime": yes 2 > no 1 among the answers, but "even" 5 and an image code 9 rank higher
+    table[prime, vocab["yes"]], table[prime, vocab["no"]], table[prime, vocab["even"]] = 2.0, 1.0, 5.0
+    table[prime, ids.image_codes[0]] = 9.0  # never a text answer: masked in both scorings
+    table[square, vocab["no"]], table[square, vocab["yes"]] = 3.0, 1.0  # "no" wins everywhere
+    samples = [(prime, "yes"), (square, "no"), (square, "yes"), (prime, "no")]
+    sequences = [[ids.bos, word, ids.separator, vocab[answer], ids.eos] for word, answer in samples]
+    scores = answer_accuracy(_LookBackLM(table), sequences, [3] * 4, builder, [vocab["yes"], vocab["no"]])
+    # constrained: yes ✓, no ✓, no ✗, yes ✗ → 2/4; open: even ✗, no ✓, no ✗, even ✗ → 1/4
+    assert scores.constrained == pytest.approx(0.5) and scores.open == pytest.approx(0.25)

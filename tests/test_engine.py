@@ -87,7 +87,7 @@ def test_resume_mid_task_reproduces_the_uninterrupted_run(work_dir, tmp_path):
         (["seed=-1"], "seed: must be ≥ 0"),
         (["method.name=[mode]"], "method.name: unknown method"),
         (["seed=2024-01-01"], "seed: expected an integer"),
-        (["tasks=[next, parity"], "not valid YAML"),
+        (["tasks=[prime, parity"], "not valid YAML"),
         (["base.hidden_size=30"], "multiple of base.num_attention_heads"),
         (["train.warmup_ratio=1.5"], "warmup_ratio must be in"),
     ],
@@ -141,7 +141,7 @@ def test_cached_teacher_runs_like_the_live_teacher_and_is_shared_between_runs(wo
 def test_lighter_evaluation_schedule_skips_cells_but_not_the_metrics(tmp_path):
     """eval.tasks=learned_and_next and eval.generation=base_and_final evaluate less, and every
     continual-learning metric equals the full schedule's (none of them reads a skipped cell)."""
-    three = [*MICRO_RUN, "tasks=[parity, bigsmall, next]"]
+    three = [*MICRO_RUN, "tasks=[parity, bigsmall, prime]"]
     full = run_sequence(load_run_config(None, three), tmp_path / "work", None, log=lambda _: None)
     light_config = load_run_config(None, [*three, "eval.tasks=learned_and_next", "eval.generation=base_and_final"])
     light = run_sequence(light_config, tmp_path / "work", None, log=lambda _: None)

@@ -12,6 +12,7 @@ from trainables.metrics import (
     forward_transfer,
     frechet_distance,
     inter_modal_forgetting,
+    retention,
 )
 
 # rows: base, after task 1, after task 2, after task 3; columns: tasks 1..3
@@ -31,6 +32,17 @@ def test_hand_computed_three_task_sequence():
     assert backward_transfer(R) == pytest.approx((-0.3 - 0.5) / 2)
     # task 2 before training: 0.3 vs base 0.2; task 3: 0.2 vs base 0.0
     assert forward_transfer(R) == pytest.approx((0.1 + 0.2) / 2)
+    # task 1: 0.5 / max(0.8, 0.6); task 2: 0.4 / 0.9
+    assert retention(R) == pytest.approx((0.5 / 0.8 + 0.4 / 0.9) / 2)
+
+
+def test_retention_skips_a_task_never_learned_and_can_exceed_one():
+    never = [[0.0, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.8, 0.3], [0.0, 0.6, 0.9]]
+    assert retention(never) == pytest.approx(0.6 / 0.8)  # task 1's best is 0: left out
+    assert retention([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]) is None
+    improved = [[0.5, 0.5], [0.6, 0.5], [0.9, 0.8]]
+    assert retention(improved) == pytest.approx(1.5)
+    assert retention([[0.5], [0.9]]) is None  # one task: nothing to retain
 
 
 def test_task_never_learned_and_ties():

@@ -14,7 +14,7 @@ from trainables.engine import run_sequence
 
 MICRO = [
     *MICRO_RUN,
-    "tasks=[parity, bigsmall, next]",
+    "tasks=[parity, bigsmall, prime]",
     "resources.cpus_per_worker=1",
     "checkpoint.every_steps=1",
     "checkpoint.num_to_keep=0",

@@ -17,7 +17,7 @@ run_config: {run}
 grid:
   method.r: [4, 8]
   method.kd_weight: [0.1, 0.3]
-  tasks: {orders: [[next, parity], [parity, next]]}
+  tasks: {orders: [[prime, parity], [parity, prime]]}
 extra_trials: [{method.name: seq_lora}]
 seeds: [0, 1]
 """
@@ -44,7 +44,8 @@ def test_grid_expansion_extras_and_seeds(tmp_path):
 
 
 def test_permutations_are_seeded_and_valid(tmp_path):
-    text = GOOD.replace("{orders: [[next, parity], [parity, next]]}", "{permutations: 3, of: [next, parity, double]}")
+    orders = "{orders: [[prime, parity], [parity, prime]]}"
+    text = GOOD.replace(orders, "{permutations: 3, of: [prime, parity, fibonacci]}")
     first = load_space(write(tmp_path, text), cpus_available=2).trials
     second = load_space(write(tmp_path, text), cpus_available=2).trials
     assert first == second and len({tuple(t["tasks"]) for t in first if "tasks" in t}) >= 2
@@ -57,8 +58,8 @@ def test_permutations_are_seeded_and_valid(tmp_path):
         (("kd_weight: [0.1, 0.3]", "kd_weight: [0.1, -0.3]"), r"^grid\.method\.kd_weight\[1\]: must be ≥ 0"),
         (("method.kd_weight: [0.1, 0.3]", "method.kd_weight: {loguniform: [0, 1]}"), r"loguniform needs low > 0"),
         (("method.r: [4, 8]", "method.rr: [4, 8]"), r"^grid\.method\.rr\[0\]: .*did you mean 'r'"),
-        (("[parity, next]]", "[parity, parity]]"), r"^grid\.tasks\[1\]: .*more than once"),
-        (("[parity, next]]", "[parity, colour]]"), r"^grid\.tasks\[1\]: .*unknown task 'colour'"),
+        (("[parity, prime]]", "[parity, parity]]"), r"^grid\.tasks\[1\]: .*more than once"),
+        (("[parity, prime]]", "[parity, colour]]"), r"^grid\.tasks\[1\]: .*unknown task 'colour'"),
         (("seeds: [0, 1]", "seeds: [zero]"), r"^seeds: expected a non-empty list of integers"),
         (("seeds: [0, 1]", "seedz: [0]"), r"^seedz: unknown key; did you mean 'seeds'"),
         (("method.r: [4, 8]", "method.r: four"), r"^grid\.method\.r: expected a non-empty list"),
@@ -69,7 +70,7 @@ def test_permutations_are_seeded_and_valid(tmp_path):
         (("seeds: [0, 1]", "seeds: [0]\nscheduler: asha"), r"^scheduler: expected a mapping"),
         (("seeds: [0, 1]", "seeds: [0]\nobjective: avg_acc"), r"^objective: expected a mapping"),
         (("run_config: {run}", "run_config: [a]"), r"^run_config: expected the path"),
-        (("{orders: [[next, parity], [parity, next]]}", "{all_orders_of: 3}"), r"^grid\.tasks\.all_orders_of"),
+        (("{orders: [[prime, parity], [parity, prime]]}", "{all_orders_of: 3}"), r"^grid\.tasks\.all_orders_of"),
         (("method.r: [4, 8]", "method.r: {loguniform: [4, 16]}"), r"method\.r takes integers"),
         (("seeds: [0, 1]", "seeds: [0]\nfixed: {eval.generation: base_and_final}"
           "\nobjective: {metric: gen_fd, mode: min}\nscheduler: {type: asha}"),

@@ -16,7 +16,7 @@ from orchestrator.space import load_space
 from orchestrator.sweep import run_sweep
 
 MICRO_RUN = """
-tasks: [parity, bigsmall, next]
+tasks: [parity, bigsmall, prime]
 base: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, epochs: 1}
 data: {task_train: 48, task_test: 24}
 train: {epochs: 1, batch_size: 16}

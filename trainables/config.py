@@ -14,7 +14,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,9 @@ from trainables.methods import MethodConfig
 class TrainConfig:
     """Per-task training budget. A fresh AdamW and warmup-cosine schedule per task (as the paper)."""
 
-    epochs: int = setting(5, gt=0)
-    batch_size: int = setting(32, gt=0)
-    lr: float = setting(3e-3, gt=0)
+    epochs: int = setting(6, gt=0)
+    batch_size: int = setting(16, gt=0)
+    lr: float = setting(4e-3, gt=0)
     warmup_ratio: float = 0.1  # in [0, 1): checked by RunConfig
     grad_clip: float = setting(10.0, gt=0)
     weight_decay: float = setting(0.0, ge=0)
@@ -138,7 +138,7 @@ def _tasks(value: Any, path: str, data: Mapping[str, Any]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class RunConfig:
-    tasks: tuple[str, ...] = setting(("next", "parity", "previous", "bigsmall"), parse=_tasks)
+    tasks: tuple[str, ...] = setting(("parity", "prime", "bigsmall", "square", "fibonacci"), parse=_tasks)
     seed: int = setting(0, ge=0)
     # `method: seq_lora` is short for `method: {name: seq_lora}`
     method: MethodConfig = field(default_factory=MethodConfig, metadata={RULE: Rule(shorthand="name")})
@@ -152,6 +152,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        # The digits data and base model follow the run's seed unless their own is set.
+        if self.data.seed is None:
+            object.__setattr__(self, "data", replace(self.data, seed=self.seed))
+        if self.base.seed is None:
+            object.__setattr__(self, "base", replace(self.base, seed=self.seed))
         if self.base.hidden_size % self.base.num_attention_heads:
             raise ValueError("base.hidden_size must be a multiple of base.num_attention_heads")
         if not 0.0 <= self.train.warmup_ratio < 1.0:

@@ -42,6 +42,27 @@ def forgetting(acc_matrix: Sequence[Sequence[float]]) -> float | None:
     return float(np.mean(drops))
 
 
+def retention(acc_matrix: Sequence[Sequence[float]]) -> float | None:
+    """Average retention over the tasks before the last, the final accuracy of each task as a
+    share of its best (the same best as :func:`forgetting`'s):
+
+        Ret = 1/(T−1) Σ_{j<T} R[T, j] / max_{i ∈ [j, T−1]} R[i, j]
+
+    so F_j = best_j · (1 − Ret_j) per task. 1 = nothing lost; above 1 = the task improved later.
+    A task whose best accuracy is 0 has no defined retention and is left out (None if all are).
+    """
+    matrix = _matrix(acc_matrix)
+    tasks = matrix.shape[1]
+    if tasks < 2:
+        return None
+    shares = []
+    for j in range(tasks - 1):
+        best = matrix[j + 1 : tasks, j].max()
+        if best > 0:
+            shares.append(matrix[tasks, j] / best)
+    return float(np.mean(shares)) if shares else None
+
+
 def backward_transfer(acc_matrix: Sequence[Sequence[float]]) -> float | None:
     """BWT = 1/(T−1) Σ_{j<T} ( R[T, j] − R[j, j] ) with R[j, j] the accuracy right after task j."""
     matrix = _matrix(acc_matrix)

@@ -12,19 +12,36 @@ import numpy as np
 from trainables import __version__
 from trainables.checkpoint import Progress
 from trainables.config import RunConfig
-from trainables.metrics import average_accuracy, backward_transfer, forgetting, forward_transfer, inter_modal_forgetting
+from trainables.metrics import (
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+    forward_transfer,
+    inter_modal_forgetting,
+    retention,
+)
 
 
 def summarize(tasks: list[str], acc_matrix: list[list[float]], generation: list[dict[str, float]]) -> dict[str, Any]:
-    """Every summary metric of an accuracy matrix (rows: base, after task 1, …) and the generation
-    scores of the same stages."""
+    """Every summary metric of an accuracy matrix (rows: base, after task 1, …) and the other
+    scores of the same stages (generation; the open-vocabulary accuracy row where the benchmark
+    scores answers two ways, whose metrics get an ``open_`` prefix)."""
     gen_acc = [g["accuracy"] for g in generation]
     gen_fd = [g["frechet"] for g in generation]
+    open_rows = {}
+    if generation and all("open_accuracy" in g for g in generation):
+        open_matrix = [list(g["open_accuracy"])[: len(tasks)] for g in generation]
+        open_rows = {
+            "open_acc_matrix": open_matrix,
+            "open_avg_acc": average_accuracy(open_matrix),
+            "open_forgetting": forgetting(open_matrix),
+        }
     return {
         "tasks": tasks,
         "acc_matrix": acc_matrix,
         "avg_acc": average_accuracy(acc_matrix),
         "forgetting": forgetting(acc_matrix),
+        "retention": retention(acc_matrix),
         "bwt": backward_transfer(acc_matrix),
         "fwt": forward_transfer(acc_matrix),
         "gen_acc": gen_acc,
@@ -32,6 +49,7 @@ def summarize(tasks: list[str], acc_matrix: list[list[float]], generation: list[
         "gen_nll": [g["nll"] for g in generation],
         "inter_modal_forgetting": inter_modal_forgetting(gen_acc),
         "gen_fd_increase": gen_fd[-1] - gen_fd[0],
+        **open_rows,
     }
 
 

@@ -117,6 +117,10 @@ class TrialTracker:
         done = progress.next_task
         stage = {metric_key("acc", task): value for task, value in zip(tasks, progress.acc_matrix[done], strict=True)}
         generation = progress.generation[done]
+        if "open_accuracy" in generation:  # answers also scored over the whole vocabulary
+            open_row = zip(tasks, generation["open_accuracy"], strict=False)
+            stage |= {metric_key("open_acc", task): value for task, value in open_row}
+            stage["open_avg_acc"] = metrics.get("open_avg_acc")
         stage |= {metric_key("gen", "acc"): generation["accuracy"], metric_key("gen", "fd"): generation["frechet"]}
         stage[metric_key("gen", "nll")] = generation["nll"]
         for name in ("text_align", "image_align"):  # CoIN with sampled text-to-image scoring
@@ -124,9 +128,12 @@ class TrialTracker:
                 stage[metric_key("gen", name)] = generation[name]
         stage["avg_acc"] = metrics.get("avg_acc")
         stage["fwt"] = metrics.get("fwt")  # undefined before the second task: not logged
+        stage["retention"] = metrics.get("retention")
         # Nothing can have been forgotten before a second task (or, for generation, at the base
         # stage): 0 by definition, so these curves start at step 0 like the others.
-        for key in ("forgetting", "bwt", "inter_modal_forgetting"):
+        for key in ("forgetting", "bwt", "inter_modal_forgetting", "open_forgetting"):
+            if key == "open_forgetting" and "open_accuracy" not in generation:
+                continue
             stage[key] = metrics.get(key) if metrics.get(key) is not None else 0.0
         self.log_metrics(stage, step=done)
         if done > 0 and (self.checkpoints == "all" or (self.checkpoints == "final" and done == len(tasks))):

@@ -82,6 +82,13 @@ def prepare(config: RunConfig, work_dir: Path, show_progress: bool = True) -> No
     benchmark_module(config).prepare(config, Path(work_dir), show_progress)
 
 
+def prepare_all(configs: Sequence[RunConfig], work_dir: Path, show_progress: bool = True) -> None:
+    """:func:`prepare` for every config of a sweep: trials that differ in seed may need their own
+    data and base model (each is built once; configs that share them find them cached)."""
+    for config in configs:
+        prepare(config, work_dir, show_progress)
+
+
 def open_benchmark(
     config: RunConfig, work_dir: Path, log: Log = print, show_progress: bool = True, timer: Timer | None = None
 ) -> Benchmark:

@@ -56,6 +56,9 @@ class MethodConfig:
             per base model, stream and K, shared by every task and trial); ``live`` runs the teacher
             forward every step. Both give the same loss up to float rounding.
         lora_r: rank of ``seq_lora``'s single LoRA; default r·num_experts (same total rank as the T-MoE).
+        kd_batch_size: image-stream sequences per distillation step (None: the task batch size).
+            The KD loss is a per-token mean, so a smaller batch keeps its expected gradient and
+            cuts its cost (it is most of a MoDE step's extra cost over LoRA).
     """
 
     name: str = setting("mode", choices=lambda: METHODS, noun="method")
@@ -69,6 +72,7 @@ class MethodConfig:
     kd_top_k: int | None = setting(None, gt=0)
     kd_teacher: str = setting("cached", choices=("cached", "live"))
     lora_r: int | None = setting(None, gt=0)
+    kd_batch_size: int | None = setting(8, gt=0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -200,11 +204,13 @@ class MoDEFamily(Method):
             )
 
     def extra_batches(self, model: nn.Module, task_index: int, step: int, run: RunContext) -> dict[str, Any]:
-        """The distillation batch: as many stream samples as the task batch, drawn with replacement."""
+        """The distillation batch: ``kd_batch_size`` stream samples (default: as many as the task
+        batch), drawn with replacement."""
         if not self.USES_KD:
             return {}
         stream = run.bench.stream
-        picks = torch.randint(len(stream), (run.config.train.batch_size,), generator=run.generator(task_index, step, 1))
+        size = self.config.kd_batch_size or run.config.train.batch_size
+        picks = torch.randint(len(stream), (size,), generator=run.generator(task_index, step, 1))
         mine = run.dist.shard(picks.tolist())
         batch = stream.stream_batch_of(mine)
         if self._teacher_cache is not None:

@@ -1,15 +1,17 @@
-"""The base UMGM of the embedded benchmark: a tiny Chameleon pretrained to caption and draw digits.
+"""The base UMGM of the embedded benchmark: a tiny Chameleon pretrained to name, recognise and draw digits.
 
-``pretrain_base`` trains it on a 50/50 mix of captioning and text-to-image samples of the train
-split and stores it under ``<cache>/base/<key>/``, where the key hashes the base config, the
-data hash and the code that defines model, data and losses: any change rebuilds it, anything
-else reuses it. The directory is written under a temporary name and renamed when complete.
+``pretrain_base`` trains it on the base tasks of the train split (naming the digit, "is it
+<digit>" yes/no questions and text-to-image: one sample of each per image) and stores it under
+``<cache>/base/<key>/``, where the key hashes the base config, the data hash and the code that
+defines model, data and losses: any change rebuilds it, anything else reuses it. The directory is
+written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -59,10 +61,11 @@ def pretrain_base(
         return target
     vocab = vocabulary(data)
     ids = TokenIds.from_vocabulary_map(vocab)
-    model = build_tiny_chameleon(vocab, config.shape, seed=config.seed).train()
+    seed = 0 if config.seed is None else config.seed
+    model = build_tiny_chameleon(vocab, config.shape, seed=seed).train()
     samples = SampleSet.from_table(read_tasks(task_file, list(BASE_TASKS), "train"), ids.pad)
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     steps = config.epochs * -(-len(samples) // config.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     schedule = get_cosine_schedule_with_warmup(optimizer, int(0.05 * steps), steps)
@@ -85,7 +88,7 @@ def pretrain_base(
                 optimizer.step()
                 schedule.step()
                 progress.update(bar, advance=1, loss=f"loss {loss.item():.3f}")
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # concurrent builders do not share it
     shutil.rmtree(tmp, ignore_errors=True)
     model.eval().save_pretrained(tmp)
     (tmp / "pretrain.json").write_text(
@@ -100,6 +103,9 @@ def pretrain_base(
             indent=2,
         )
     )
+    if (target / "model.safetensors").is_file():  # another process finished the same model first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return target
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target

@@ -21,6 +21,7 @@ from trainables.benchmarks.digits.data import (
     build_digits,
     data_hash,
     read_tasks,
+    task_spec,
     vocabulary,
 )
 from trainables.benchmarks.digits.evaluate import ReferenceClassifier, answer_accuracy, generation_scores
@@ -56,7 +57,12 @@ class DigitsBenchmark:
         self.tests = {}
         for task in config.tasks:
             table = read_tasks(task_file, [task], "test")
-            self.tests[task] = (table.column("input_ids").to_pylist(), table.column("answer_start").to_pylist())
+            answer_ids = self.builder.words.encode(" ".join(task_spec(task).answers))
+            self.tests[task] = (
+                table.column("input_ids").to_pylist(),
+                table.column("answer_start").to_pylist(),
+                answer_ids,
+            )
 
     def load_base_model(self) -> nn.Module:
         return load_base(self.base_dir)
@@ -75,15 +81,19 @@ class DigitsBenchmark:
         generation: bool = True,
         dist: Distributed | None = None,
     ) -> tuple[list[float], dict[str, float]]:
-        """Accuracy on each task in ``tasks`` (NaN for the others) and, if ``generation``, the
-        generation scores (else NaN). Not sharded: ``dist`` is ignored."""
+        """Accuracy on each task in ``tasks`` (NaN for the others; constrained to the task's
+        answers) and the stage's other scores: ``open_accuracy``, the open-vocabulary row, and if
+        ``generation`` the generation scores (else NaN). Not sharded: ``dist`` is ignored."""
         model.eval()
-        row = [
-            answer_accuracy(model, *self.tests[task], self.builder) if index in tasks else math.nan
+        answers = {
+            index: answer_accuracy(model, *self.tests[task][:2], self.builder, self.tests[task][2])
             for index, task in enumerate(self.config.tasks)
-        ]
+            if index in tasks
+        }
+        row = [answers[index].constrained if index in answers else math.nan for index in range(len(self.config.tasks))]
+        open_row = [answers[index].open if index in answers else math.nan for index in range(len(self.config.tasks))]
         if not generation:
-            return row, {"accuracy": math.nan, "frechet": math.nan, "nll": math.nan}
+            return row, {"accuracy": math.nan, "frechet": math.nan, "nll": math.nan, "open_accuracy": open_row}
         scores = generation_scores(
             model,
             self.builder,
@@ -94,7 +104,7 @@ class DigitsBenchmark:
             self.config.eval.gen_temperature,
             seed=self.config.seed * 1000 + stage,
         )
-        return row, asdict(scores)
+        return row, {**asdict(scores), "open_accuracy": open_row}
 
 
 def task_file(config: RunConfig, work_dir: Path) -> Path:

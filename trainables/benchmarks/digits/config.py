@@ -10,7 +10,8 @@ from trainables.model_shape import ChameleonShape
 
 @dataclass(frozen=True)
 class BaseModelConfig:
-    """The tiny Chameleon pretrained on the base capabilities (captioning + text-to-image)."""
+    """The tiny Chameleon pretrained on the base capabilities: naming the digit, yes/no questions
+    about which digit it is, and drawing it (see ``base_model``)."""
 
     hidden_size: int = setting(128, gt=0)
     intermediate_size: int = setting(344, gt=0)
@@ -19,7 +20,7 @@ class BaseModelConfig:
     epochs: int = setting(6, gt=0)
     lr: float = setting(2e-3, gt=0)
     batch_size: int = setting(32, gt=0)
-    seed: int = setting(0, ge=0)
+    seed: int | None = setting(None, ge=0)  # initialisation and data order; None: the run's seed
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -39,11 +40,11 @@ class BaseModelConfig:
 class DigitsConfig:
     """How the benchmark is built. Changing any field changes the data hash."""
 
-    seed: int = setting(0, ge=0)
+    seed: int | None = setting(None, ge=0)  # split and sampling; None: the run's seed, so seeds vary the data
     levels: int = setting(8, gt=0)  # grey levels = image codebook size
     test_images: int = setting(397, gt=0)
-    task_train: int = setting(400, gt=0)  # samples per continual task, drawn from the train images
-    task_test: int = setting(150, gt=0)  # samples per continual task, drawn from the test images
+    task_train: int = setting(400, gt=0)  # samples per continual task from the train images, half of them answered yes
+    task_test: int = setting(200, gt=0)  # samples per continual task, drawn from the test images
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -1,8 +1,12 @@
 """The embedded benchmark: scikit-learn's handwritten digits as a tiny multimodal task suite.
 
 Every sample is a token sequence in a Chameleon-style vocabulary. One image per sample, 64 image
-tokens between begin-image and end-image. Splits are fixed by a seeded permutation: ``test``
-images are never used for training at any stage (base pretraining, tasks, distillation stream).
+tokens between begin-image and end-image. The base model learns to name a digit, to answer "is it
+<digit>" with yes/no, and to draw a digit (``BASE_TASKS``, every image of the train split). The
+continual tasks (``UNDERSTANDING_TASKS``) ask yes/no questions about other properties of the digit
+shown, each with half of its samples answered yes. The split into train and test images, and every
+sampling, follow ``DigitsConfig.seed``: ``test`` images are never used for training at any stage
+(base pretraining, tasks, distillation stream).
 
 Parquet schema of ``tasks.parquet`` (one row per sample):
     task: string            task name (see TASKS)
@@ -22,6 +26,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from trainables.benchmarks.digits import tokenizers
 from trainables.benchmarks.digits.config import DigitsConfig
 from trainables.benchmarks.digits.tokenizers import DIGIT_WORDS, WORDS, PixelQuantizer, WordTokenizer
 from trainables.vocab import TokenIds, make_vocabulary_map
@@ -37,24 +43,40 @@ from trainables.vocab import TokenIds, make_vocabulary_map
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """An understanding task: a question about the digit shown and its answer for each digit."""
+
     question: str
     answer: Callable[[int], str]
+    answers: tuple[str, ...]  # the task's answer set: constrained scoring picks among these
     description: str
 
 
+def _yes_no(question: str, members: set[int], description: str) -> TaskSpec:
+    return TaskSpec(question, lambda d: YES if d in members else NO, (YES, NO), description)
+
+
+YES, NO = "yes", "no"
+# The continual tasks: yes/no questions about different properties of the same digit, so that
+# they share one answer format. An old task's answers stay in the output space whatever is
+# learned next; keeping it means answering by the question, not by which words are in fashion.
+# Every question is "is it <one word>": a question ending in "a <word>" reads to the base model
+# like "draw a <digit>" (it prepares to draw), and tasks phrased so were not learned in budget.
 UNDERSTANDING_TASKS: dict[str, TaskSpec] = {
-    "caption": TaskSpec("what digit is this", lambda d: DIGIT_WORDS[d], "name the digit"),
-    "parity": TaskSpec("is it even or odd", lambda d: "even" if d % 2 == 0 else "odd", "even or odd"),
-    "next": TaskSpec("what is the next digit", lambda d: DIGIT_WORDS[(d + 1) % 10], "the digit after it (9 → zero)"),
-    "previous": TaskSpec(
-        "what is the previous digit", lambda d: DIGIT_WORDS[(d - 1) % 10], "the digit before it (0 → nine)"
-    ),
-    "bigsmall": TaskSpec("is it big or small", lambda d: "big" if d >= 5 else "small", "big (5–9) or small (0–4)"),
-    "double": TaskSpec("what is double the digit", lambda d: DIGIT_WORDS[(2 * d) % 10], "last digit of 2·d"),
-    "mirror": TaskSpec("what is the mirror digit", lambda d: DIGIT_WORDS[9 - d], "9 − d"),
+    "parity": _yes_no("is it even", {0, 2, 4, 6, 8}, "even: 0 2 4 6 8"),
+    "bigsmall": _yes_no("is it big", {5, 6, 7, 8, 9}, "big: 5 6 7 8 9"),
+    "prime": _yes_no("is it prime", {2, 3, 5, 7}, "prime: 2 3 5 7"),
+    "square": _yes_no("is it square", {0, 1, 4, 9}, "a square number: 0 1 4 9"),
+    "round": _yes_no("is it round", {0, 6, 8, 9}, "drawn with a closed loop: 0 6 8 9"),
+    "fibonacci": _yes_no("is it fibonacci", {0, 1, 2, 3, 5, 8}, "a Fibonacci number: 0 1 2 3 5 8"),
 }
+# What the base model is pretrained on, besides drawing: naming the digit, and yes/no questions
+# about which digit it is ("is it <digit>") — the format and answer words of every task.
+BASE_UNDERSTANDING: dict[str, TaskSpec] = {
+    "caption": TaskSpec("what digit is this", lambda d: DIGIT_WORDS[d], DIGIT_WORDS, "name the digit"),
+}
+IDENTITY_TASK = "identity"  # "is it <digit word>" → yes/no, half of the samples about the shown digit
 GENERATION_TASK = "generate"  # "draw a <digit>" → the digit's image
-BASE_TASKS = ("caption", GENERATION_TASK)
+BASE_TASKS = ("caption", IDENTITY_TASK, GENERATION_TASK)
 SCHEMA = pa.schema(
     [
         ("task", pa.string()),
@@ -84,17 +106,25 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=8)
 def data_hash(config: DigitsConfig) -> str:
-    """Hash of the build config and the raw dataset; memoized (every run start asks several times)."""
+    """Hash of the build config, the raw dataset and the code that builds the task file (a
+    changed task or prompt rebuilds it); memoized (every run start asks several times)."""
     images, labels = _digits()
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
     digest.update(images.tobytes())
     digest.update(labels.tobytes())
+    for module in (__file__, tokenizers.__file__):
+        digest.update(Path(module).read_bytes())
     return digest.hexdigest()[:16]
+
+
+def data_seed(config: DigitsConfig) -> int:
+    """The seed the data follow (a run config sets it to the run's seed; 0 when left unset)."""
+    return 0 if config.seed is None else config.seed
 
 
 def split_indices(config: DigitsConfig, total: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) image indices; disjoint, fixed by ``config.seed``."""
-    order = np.random.default_rng(config.seed).permutation(total)
+    order = np.random.default_rng(data_seed(config)).permutation(total)
     return np.sort(order[config.test_images :]), np.sort(order[: config.test_images])
 
 
@@ -131,36 +161,74 @@ class SequenceBuilder:
         return self.quantizer.decode(codes)
 
 
-def _rows(task: str, split: str, indices, images, labels, builder: SequenceBuilder) -> list[dict]:
+def task_spec(task: str) -> TaskSpec:
+    """The question/answer spec of an understanding task (continual or base)."""
+    return UNDERSTANDING_TASKS.get(task) or BASE_UNDERSTANDING[task]
+
+
+def _row(task: str, split: str, image: np.ndarray, digit: int, builder: SequenceBuilder, question: str, answer: str):
+    if task == GENERATION_TASK:
+        tokens, answer_start, image_start = builder.generation(image, digit)
+    else:
+        tokens, answer_start, image_start = builder.understanding(image, question, answer)
+    return {
+        "task": task,
+        "split": split,
+        "input_ids": tokens,
+        "answer_start": answer_start,
+        "image_start": image_start,
+        "image_end": image_start + 65,
+        "answer_text": answer,
+        "is_generation": task == GENERATION_TASK,
+        "digit": digit,
+        "image": image.tolist(),
+    }
+
+
+def _base_rows(split: str, indices, images, labels, builder: SequenceBuilder, rng: np.random.Generator) -> list[dict]:
+    """Every image of ``indices`` once per base task: drawn, named, and asked "is it <digit>"
+    (about its own digit for a random half, about another random digit for the rest)."""
     rows = []
     for index in indices:
         image, digit = images[index], int(labels[index])
-        if task == GENERATION_TASK:
-            tokens, answer_start, image_start = builder.generation(image, digit)
-            answer = "<image>"
-        else:
-            spec = UNDERSTANDING_TASKS[task]
-            answer = spec.answer(digit)
-            tokens, answer_start, image_start = builder.understanding(image, spec.question, answer)
-        rows.append(
-            {
-                "task": task,
-                "split": split,
-                "input_ids": tokens,
-                "answer_start": answer_start,
-                "image_start": image_start,
-                "image_end": image_start + 65,
-                "answer_text": answer,
-                "is_generation": task == GENERATION_TASK,
-                "digit": digit,
-                "image": image.tolist(),
-            }
-        )
+        rows.append(_row(GENERATION_TASK, split, image, digit, builder, "", "<image>"))
+        caption = BASE_UNDERSTANDING["caption"]
+        rows.append(_row("caption", split, image, digit, builder, caption.question, caption.answer(digit)))
+        asked = digit if rng.random() < 0.5 else int((digit + rng.integers(1, 10)) % 10)
+        answer = YES if asked == digit else NO
+        rows.append(_row(IDENTITY_TASK, split, image, digit, builder, f"is it {DIGIT_WORDS[asked]}", answer))
+    return rows
+
+
+def balanced_choice(indices: np.ndarray, answers: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` of ``indices`` (without replacement) with each answer equally often (the first
+    answers get one more when ``count`` does not divide), in random order."""
+    values = sorted(set(answers.tolist()))
+    chosen = []
+    for position, value in enumerate(values):
+        pool = indices[answers == value]
+        share = count // len(values) + (position < count % len(values))
+        if share > len(pool):
+            raise ValueError(f"only {len(pool)} images answer {value!r}; ask for at most {len(pool) * len(values)}")
+        chosen.append(rng.choice(pool, share, replace=False))
+    return rng.permutation(np.concatenate(chosen))
+
+
+def _task_rows(task: str, split: str, indices, count: int, images, labels, builder, rng) -> list[dict]:
+    spec = UNDERSTANDING_TASKS[task]
+    answers = np.asarray([spec.answer(int(labels[i])) for i in indices])
+    rows = []
+    for index in balanced_choice(np.asarray(indices), answers, count, rng):
+        digit = int(labels[index])
+        rows.append(_row(task, split, images[index], digit, builder, spec.question, spec.answer(digit)))
     return rows
 
 
 def build_digits(directory: str | Path, config: DigitsConfig | None = None) -> Path:
-    """Write ``tasks.parquet`` and ``meta.json`` for ``config`` into ``directory`` (atomically)."""
+    """Write ``tasks.parquet`` and ``meta.json`` for ``config`` into ``directory`` (atomically).
+
+    Everything random (the train/test split, the identity questions, which images each task
+    samples) follows ``config.seed``."""
     config = config or DigitsConfig()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -168,15 +236,16 @@ def build_digits(directory: str | Path, config: DigitsConfig | None = None) -> P
     train, test = split_indices(config, len(images))
     builder = SequenceBuilder(vocabulary(config), PixelQuantizer(config.levels))
     rows: list[dict] = []
-    for task in BASE_TASKS:  # base capabilities: every train image, every test image
-        rows += _rows(task, "train", train, images, labels, builder)
-        rows += _rows(task, "test", test, images, labels, builder)
-    for offset, task in enumerate(t for t in UNDERSTANDING_TASKS if t != "caption"):
-        rng = np.random.default_rng([config.seed, offset])
-        rows += _rows(task, "train", rng.choice(train, config.task_train, replace=False), images, labels, builder)
-        rows += _rows(task, "test", rng.choice(test, config.task_test, replace=False), images, labels, builder)
+    for offset, (split, indices) in enumerate((("train", train), ("test", test))):
+        rows += _base_rows(
+            split, indices, images, labels, builder, np.random.default_rng([data_seed(config), 100, offset])
+        )
+    for offset, task in enumerate(UNDERSTANDING_TASKS):
+        rng = np.random.default_rng([data_seed(config), offset])
+        rows += _task_rows(task, "train", train, config.task_train, images, labels, builder, rng)
+        rows += _task_rows(task, "test", test, config.task_test, images, labels, builder, rng)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    tmp = directory / ".tasks.parquet.tmp"
+    tmp = directory / f".tasks.parquet.{os.getpid()}.tmp"  # concurrent builders do not share it
     pq.write_table(table, tmp)
     tmp.replace(directory / "tasks.parquet")
     meta = {
@@ -192,7 +261,7 @@ def build_digits(directory: str | Path, config: DigitsConfig | None = None) -> P
 
 
 def continual_tasks() -> list[str]:
-    return [t for t in UNDERSTANDING_TASKS if t != "caption"]
+    return list(UNDERSTANDING_TASKS)
 
 
 def read_tasks(path: str | Path, tasks: list[str] | None = None, split: str | None = None) -> pa.Table:

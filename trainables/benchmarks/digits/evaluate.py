@@ -32,26 +32,44 @@ from trainables.metrics import frechet_distance
 IMAGE_TOKENS = 64
 
 
+@dataclass(frozen=True)
+class AnswerScores:
+    constrained: float  # the most likely of the task's own answers is the reference answer
+    open: float  # the most likely text token of the whole vocabulary is the reference answer
+
+
 @torch.no_grad()
 def answer_accuracy(
-    model: nn.Module, sequences: list[list[int]], answer_starts: list[int], builder: SequenceBuilder
-) -> float:
-    """Greedy decoding of the (one-word) answer: share of samples whose most likely text token
-    after the separator is the reference answer."""
+    model: nn.Module,
+    sequences: list[list[int]],
+    answer_starts: list[int],
+    builder: SequenceBuilder,
+    answer_ids: list[int] | None = None,
+) -> AnswerScores:
+    """Greedy scoring of the (one-word) answer at the position after the separator, two ways:
+    constrained to the task's answer set ``answer_ids`` (chance = 1/|answers|; all text tokens
+    when None) and open-vocabulary exact match (argmax over every text token)."""
     text_vocab = ~builder.ids.codebook_mask()
-    correct = 0
+    answer_set = torch.zeros_like(text_vocab)
+    answer_set[answer_ids if answer_ids is not None else text_vocab.nonzero().squeeze(-1)] = True
+    constrained = open_vocabulary = 0
+    device = _device(model)
     for start in range(0, len(sequences), 256):
         chunk = sequences[start : start + 256]
         starts = answer_starts[start : start + 256]
         prompts = [s[:a] for s, a in zip(chunk, starts, strict=True)]
         ids, mask = pad(prompts, builder.ids.pad)
-        device = _device(model)
-        logits = restrict_logits(causal_lm_logits(model, ids.to(device), mask.to(device)), text_vocab.to(device))
-        last = mask.sum(1) - 1
-        predicted = logits[torch.arange(len(prompts)), last.to(device)].argmax(-1).cpu()
+        logits = causal_lm_logits(model, ids.to(device), mask.to(device))
+        last = (mask.sum(1) - 1).to(device)
+        final = logits[torch.arange(len(prompts), device=device), last]
         answers = torch.tensor([s[a] for s, a in zip(chunk, starts, strict=True)])
-        correct += int((predicted == answers).sum())
-    return correct / len(sequences)
+        constrained += int((_argmax_within(final, answer_set).cpu() == answers).sum())
+        open_vocabulary += int((_argmax_within(final, text_vocab).cpu() == answers).sum())
+    return AnswerScores(constrained / len(sequences), open_vocabulary / len(sequences))
+
+
+def _argmax_within(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    return logits.masked_fill(~allowed.to(logits.device), torch.finfo(logits.dtype).min).argmax(-1)
 
 
 @torch.no_grad()

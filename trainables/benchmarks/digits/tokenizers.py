@@ -16,8 +16,8 @@ MAX_INTENSITY = 16
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 WORDS = (
     *DIGIT_WORDS,
-    *("what", "digit", "is", "this", "draw", "a", "the", "it", "or", "of"),
-    *("even", "odd", "next", "previous", "big", "small", "double", "mirror"),
+    *("what", "digit", "is", "this", "draw", "a", "it", "yes", "no"),
+    *("even", "big", "prime", "square", "round", "fibonacci"),
 )
 
 
