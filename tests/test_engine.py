@@ -133,7 +133,8 @@ def test_cached_teacher_runs_like_the_live_teacher_and_is_shared_between_runs(wo
     assert set(cached["profile"]["seconds"]) >= phases and cached["profile"]["peak_rss_mb"] > 100
     assert "teacher_cache" not in live["profile"]["seconds"]
     messages.clear()
-    again = run_sequence(load_run_config(None, [*MICRO, "seed=1"]), work_dir, tmp_path / "again", log=messages.append)
+    same_base = [*MICRO, "seed=1", "data.seed=0", "base.seed=0"]  # another run seed on the same data and base
+    again = run_sequence(load_run_config(None, same_base), work_dir, tmp_path / "again", log=messages.append)
     assert any("teacher cache" in m and ": read" in m for m in messages)
     assert again["profile"]["seconds"]["teacher_cache"] < cached["profile"]["seconds"]["total"]
 

@@ -43,7 +43,7 @@ class TrainConfig:
 
     epochs: int = setting(6, gt=0)
     batch_size: int = setting(16, gt=0)
-    lr: float = setting(4e-3, gt=0)
+    lr: float = setting(3e-3, gt=0)
     warmup_ratio: float = 0.1  # in [0, 1): checked by RunConfig
     grad_clip: float = setting(10.0, gt=0)
     weight_decay: float = setting(0.0, ge=0)

@@ -58,8 +58,10 @@ class Benchmark(Protocol):
     def evaluate(
         self, model: nn.Module, stage: int, tasks: Sequence[int], generation: bool, dist: Distributed | None
     ) -> tuple[list[float], dict[str, float]]:
-        """Answer accuracy of each task index in ``tasks`` (NaN for the others) and, if
-        ``generation``, the generation scores ``accuracy``, ``frechet``, ``nll`` (else NaN)."""
+        """Answer accuracy of each task index in ``tasks`` (NaN for the others) and the stage's other
+        scores: if ``generation``, the generation scores ``accuracy``, ``frechet``, ``nll`` (else
+        NaN); optionally ``open_accuracy``, a second accuracy row (open-vocabulary exact match where
+        the first is constrained to each task's answers), which results and tracking pick up."""
 
 
 BENCHMARKS = ("digits", "coin")
