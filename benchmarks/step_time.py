@@ -44,7 +44,7 @@ from trainables.vocab import TokenIds
 def make_batch(ids: TokenIds, vocab: dict[str, int], size: int = 32) -> Batch:
     generator = torch.Generator().manual_seed(0)
     codes = torch.tensor(ids.image_codes)
-    words = [vocab[w] for w in ("what", "is", "the", "next", "digit")]
+    words = [vocab[w] for w in ("what", "digit", "is", "this")]  # the caption prompt
     rows = []
     for _ in range(size):
         image = codes[torch.randint(len(codes), (64,), generator=generator)].tolist()

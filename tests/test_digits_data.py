@@ -110,7 +110,7 @@ YES_DIGITS = {
     "bigsmall": {5, 6, 7, 8, 9},
     "prime": {2, 3, 5, 7},
     "square": {0, 1, 4, 9},
-    "triangular": {0, 1, 3, 6},
+    "round": {0, 6, 8, 9},
     "fibonacci": {0, 1, 2, 3, 5, 8},
 }
 

@@ -40,7 +40,7 @@ def test_shipped_sweep_space_has_the_required_trials():
 def test_grid_expansion_extras_and_seeds(tmp_path):
     space = load_space(write(tmp_path, GOOD), cpus_available=2)
     assert space.size == (2 * 2 * 2 + 1) * 2
-    assert space.trial_config(space.trials[0]).tasks == ("next", "parity")
+    assert space.trial_config(space.trials[0]).tasks == ("prime", "parity")
 
 
 def test_permutations_are_seeded_and_valid(tmp_path):
