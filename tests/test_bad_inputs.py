@@ -83,7 +83,7 @@ CASES = {
     ),
     "asha grace_period 0": (
         lambda t: ["validate", _space(t, "scheduler: {type: asha, grace_period: 0}\n")],
-        "scheduler.grace_period: expected an integer from 1 to 4",
+        "scheduler.grace_period: expected an integer from 1 to 5",  # the default sequence has 5 tasks
     ),
     "asha reduction_factor 1": (
         lambda t: ["validate", _space(t, "scheduler: {type: asha, reduction_factor: 1}\n")],

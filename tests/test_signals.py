@@ -31,6 +31,19 @@ def _processes_on(port: int) -> list[str]:
     return [line for line in found.splitlines() if "pgrep" not in line]
 
 
+def _from_a_terminal(ignore_sigint: bool = False):
+    """preexec_fn: the child starts as from an interactive shell, SIGHUP at its default even when
+    the test run itself was started under nohup (a command keeps an inherited ignored SIGHUP
+    ignored, on purpose); with ``ignore_sigint``, SIGINT ignored as in a shell's background job."""
+
+    def reset() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        if ignore_sigint:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    return reset
+
+
 def _stop(process: subprocess.Popen, stopping: signal.Signals, log: Path) -> None:
     process.send_signal(stopping)  # to this process alone, not its group
     try:
@@ -83,7 +96,7 @@ def test_ui_stops_its_mlflow_server(stopping, tmp_path):
         ui = subprocess.Popen(
             [MODE_CL, "ui", "--work-dir", str(tmp_path / "work"), "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+            preexec_fn=_from_a_terminal(ignore_sigint=True),
         )  # fmt: skip
     try:
         assert wait_until(lambda: _answers(port) or ui.poll() is not None, 120), log.read_text()
@@ -118,7 +131,9 @@ def _start_train_and_stop(
     argv: list[str], stopping: signal.Signals, log: Path, env: dict, temp_dir: Path, expect_server: bool
 ) -> None:
     with log.open("w") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env, preexec_fn=_from_a_terminal()
+        )
     try:
         # Stop it while it trains: Ray is up (and for sweeps, the MLflow server answers).
         training = lambda: "[mode-cl worker]" in log.read_text()  # noqa: E731
