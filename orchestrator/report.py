@@ -61,7 +61,7 @@ def print_trials(rows: list[dict[str, Any]], objective: str, console: Console | 
     config_keys = sorted({k for r in rows for k in r if k.startswith("config.")})
     for column in ("trial", "status", *(k.removeprefix("config.") for k in config_keys)):
         table.add_column(column)
-    for column in ("tasks", "avg acc", "forgetting", "gen acc", "gen FD", "inter-modal"):
+    for column in ("tasks", "avg acc", "forgetting", "retention", "open-vocab acc", "gen acc", "gen FD", "inter-modal"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
@@ -71,6 +71,8 @@ def print_trials(rows: list[dict[str, Any]], objective: str, console: Console | 
             str(row.get("tasks_done") if row.get("tasks_done") is not None else "—"),
             _f(row.get("avg_acc")),
             _f(row.get("forgetting")),
+            _f(row.get("retention")),
+            _f(row.get("open_avg_acc")),
             _f(row.get("gen_acc")),
             _f(row.get("gen_fd"), 2),
             _f(row.get("inter_modal_forgetting")),

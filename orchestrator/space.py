@@ -55,7 +55,17 @@ TOP_LEVEL = (
 )
 DEFAULT_MAX_TRIALS = 1000
 DISTRIBUTIONS = ("choice", "loguniform", "uniform", "randint")
-OBJECTIVE_METRICS = ("avg_acc", "forgetting", "bwt", "gen_acc", "gen_fd", "inter_modal_forgetting", "fwt")
+OBJECTIVE_METRICS = (
+    "avg_acc",
+    "forgetting",
+    "retention",
+    "bwt",
+    "open_avg_acc",
+    "gen_acc",
+    "gen_fd",
+    "inter_modal_forgetting",
+    "fwt",
+)
 
 
 @dataclass

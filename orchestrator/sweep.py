@@ -329,6 +329,20 @@ def resume_sweep(sweep: RestoredSweep, tracking_uri: str | None, log: Log) -> Ro
     return finish_sweep(sweep.directory, tracking_uri, log)
 
 
+# What a sweep's trial table shows of each trial's latest metrics.
+TRIAL_METRICS = (
+    "tasks_done",
+    "avg_acc",
+    "forgetting",
+    "retention",
+    "bwt",
+    "open_avg_acc",
+    "gen_acc",
+    "gen_fd",
+    "inter_modal_forgetting",
+)
+
+
 def trial_table(directory: Path) -> Rows:
     """Every trial: id, status, its overrides and its last reported metrics (from Tune's files)."""
     from ray.tune import ExperimentAnalysis
@@ -347,7 +361,7 @@ def trial_table(directory: Path) -> Rows:
         overrides = {**trial.config.get("trial", {}), **trial.config.get("sampled", {})}
         row = {"trial_id": trial.trial_id, "status": trial.status}
         row |= {f"config.{k}": (",".join(v) if isinstance(v, list) else v) for k, v in overrides.items()}
-        for key in ("tasks_done", "avg_acc", "forgetting", "bwt", "gen_acc", "gen_fd", "inter_modal_forgetting"):
+        for key in TRIAL_METRICS:
             row[key] = metrics.get(key)
         rows.append(row)
     missing = float("-inf") if mode == "max" else float("inf")
