@@ -9,7 +9,7 @@ sampling, follow ``DigitsConfig.seed``: ``test`` images are never used for train
 (base pretraining, tasks, distillation stream).
 
 Parquet schema of ``tasks.parquet`` (one row per sample):
-    task: string            task name (see TASKS)
+    task: string            task name (BASE_TASKS, UNDERSTANDING_TASKS)
     split: string           "train" | "test"
     input_ids: list<int32>  the whole sequence: prompt, separator, answer
     answer_start: int32     index of the first answer token (the token after the separator)
