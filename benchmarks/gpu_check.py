@@ -10,8 +10,8 @@ default — in bf16, and trains each method for a few steps on the same syntheti
 
 * ``mode``: 4 experts × r 8 + V-Adapter r 8, with λ·KD on an image-only stream batch of equal size;
 * ``mode_no_kd``: the same layers without the distillation passes (the layer's own cost);
-* ``seq_lora``: one peft LoRA of rank 32 (= 4 × 8, equal total rank of the text path) on the same
-  MLP projections.
+* ``seq_lora``: one peft LoRA on the same MLP projections, at the rank whose trainable parameters
+  match MoDE's (its default, ``mode_matched_rank``).
 
 Reports per method: tokens/s (task tokens only; the KD stream's tokens are extra work, not counted),
 peak GPU memory, and MFU = model FLOPs / (step time × the GPU's peak dense bf16 FLOP/s). Model FLOPs

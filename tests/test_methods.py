@@ -55,3 +55,17 @@ def test_unknown_method_suggests_the_closest_name(ids):
 def test_bad_hyper_parameters_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MethodConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("r", "experts"), [(8, 4), (4, 2), (2, 4)])
+def test_seq_lora_default_rank_matches_mode_trainable_parameters_within_5_percent(make_model, ids, r, experts):
+    counts = {}
+    for name in ("mode", "seq_lora"):
+        method = build_method(MethodConfig(name=name, r=r, num_experts=experts), ids)
+        model = method.attach(make_model())
+        counts[name] = sum(p.numel() for p in method.trainable_parameters(model))
+    assert abs(counts["seq_lora"] / counts["mode"] - 1) <= 0.05, counts
+    # an explicit lora_r is taken as it is
+    method = build_method(MethodConfig(name="seq_lora", r=r, num_experts=experts, lora_r=3), ids)
+    method.attach(make_model())
+    assert method.rank == 3

@@ -55,10 +55,18 @@ class MethodConfig:
         kd_teacher: ``cached`` reads the frozen teacher's logits from the teacher cache (computed once
             per base model, stream and K, shared by every task and trial); ``live`` runs the teacher
             forward every step. Both give the same loss up to float rounding.
-        lora_r: rank of ``seq_lora``'s single LoRA; default r·num_experts (same total rank as the T-MoE).
+        lora_r: rank of ``seq_lora``'s single LoRA; default (None): the rank whose trainable
+            parameters match MoDE's (experts, router, V-Adapter) on the model it is attached to.
         kd_batch_size: image-stream sequences per distillation step (None: the task batch size).
             The KD loss is a per-token mean, so a smaller batch keeps its expected gradient and
             cuts its cost (it is most of a MoDE step's extra cost over LoRA).
+        replay_per_task / replay_policy / replay_ratio: ``replay``'s buffer — ``quota`` keeps
+            exactly ``replay_per_task`` samples of every finished task; ``reservoir`` keeps
+            ``replay_per_task × (tasks − 1)`` samples by reservoir sampling over everything trained
+            on; ``replay_ratio`` is the share of each batch drawn from the buffer (in [0, 1)).
+        lwf_weight / lwf_temperature: ``lwf``'s distillation weight and temperature.
+        olora_weight / olora_l2: ``olora``'s orthogonality weight λ1 and its L2 weight λ2 on the
+            current task's LoRA (the O-LoRA paper's λ1, λ2).
     """
 
     name: str = setting("mode", choices=lambda: METHODS, noun="method")
@@ -73,10 +81,19 @@ class MethodConfig:
     kd_teacher: str = setting("cached", choices=("cached", "live"))
     lora_r: int | None = setting(None, gt=0)
     kd_batch_size: int | None = setting(8, gt=0)
+    replay_per_task: int = setting(40, gt=0)
+    replay_policy: str = setting("quota", choices=("quota", "reservoir"))
+    replay_ratio: float = setting(0.25, ge=0)  # < 1: checked below
+    lwf_weight: float = setting(1.0, ge=0)
+    lwf_temperature: float = setting(2.0, gt=0)
+    olora_weight: float = setting(0.5, ge=0)
+    olora_l2: float = setting(0.0, ge=0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         check_fields(self)
+        if not self.replay_ratio < 1:
+            raise ConfigError("method.replay_ratio", f"must be < 1 (a batch keeps some current-task samples), got {self.replay_ratio}")
         self.mode_config()  # what the adapter itself checks beyond the field rules (e.g. dropout < 1)
 
     def mode_config(self, **flags: bool) -> MoDEConfig:

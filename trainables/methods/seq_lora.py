@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -10,22 +11,62 @@ from torch import nn
 from trainables.adapter_io import assign_strict, compare_configs, read_adapter, save_adapter
 from trainables.methods.base import Method, MethodConfig
 from trainables.methods.registry import register_method
+from trainables.vocab import TokenIds
+
+
+def mode_matched_rank(config: MethodConfig, linears: Iterable[tuple[int, int]]) -> int:
+    """The LoRA rank whose trainable parameters come closest to MoDE's on the same layers.
+
+    MoDE puts on each targeted linear (in, out) E experts of rank r, their router and a rank-r
+    V-Adapter: (E + 1)·r·(in + out) + E·in parameters; a rank-R LoRA has R·(in + out). So
+
+        R = round( Σ_l [(E + 1)·r·(in_l + out_l) + E·in_l] / Σ_l (in_l + out_l) ),
+
+    within ½·Σ(in + out) parameters of MoDE's count (0.7 % on the default tiny model: R = 42).
+    """
+    linears = list(linears)
+    if not linears:
+        raise ValueError(f"no linear layer named {list(config.target_modules)} to attach LoRA to")
+    experts, r = config.num_experts, config.r
+    mode = sum((experts + 1) * r * (n_in + n_out) + experts * n_in for n_in, n_out in linears)
+    return max(1, round(mode / sum(n_in + n_out for n_in, n_out in linears)))
+
+
+def targeted_linears(model: nn.Module, target_modules: Iterable[str]) -> list[tuple[int, int]]:
+    """(in, out) features of every ``nn.Linear`` whose name ends in one of ``target_modules``."""
+    targets = tuple(target_modules)
+    return [
+        (module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    ]
 
 
 @register_method
 class SeqLoRA(Method):
-    """One peft LoRA on all tokens (rank r·num_experts unless lora_r is set), carried across tasks."""
+    """One peft LoRA on all tokens, carried across tasks. Its rank is ``lora_r`` when set, otherwise
+    the rank whose parameter count matches MoDE's on the model it is attached to
+    (:func:`mode_matched_rank`), so the baseline is compared at equal trainable parameters."""
 
     NAME = "seq_lora"
 
+    def __init__(self, config: MethodConfig, token_ids: TokenIds) -> None:
+        super().__init__(config, token_ids)
+        self._matched_rank: int | None = None
+
     @property
     def rank(self) -> int:
-        return self.config.lora_r or self.config.r * self.config.num_experts
+        if self.config.lora_r is not None:
+            return self.config.lora_r
+        if self._matched_rank is None:
+            raise RuntimeError("the parameter-matched rank is known once the method is attached to a model")
+        return self._matched_rank
 
     @classmethod
     def adapter_factors(cls, config: MethodConfig) -> list[tuple[str, int]]:
-        # The one rank is lora_r (default r·num_experts): a too-large one is fixed by setting lora_r.
-        return [("method.lora_r", config.lora_r or config.r * config.num_experts)]
+        # Before the model exists: the matched rank is at most (E + 1)·r + E (the router's share is
+        # E·Σin/Σ(in + out) < E), an upper bound for the width and memory checks.
+        return [("method.lora_r", config.lora_r or (config.num_experts + 1) * config.r + config.num_experts)]
 
     def _adapter_config(self) -> dict:
         return {
@@ -38,6 +79,8 @@ class SeqLoRA(Method):
         }
 
     def attach(self, model: nn.Module) -> nn.Module:
+        if self.config.lora_r is None:
+            self._matched_rank = mode_matched_rank(self.config, targeted_linears(model, self.config.target_modules))
         c = self._adapter_config()
         from peft import LoraConfig, get_peft_model  # imported here: peft pulls in transformers (seconds)
 
