@@ -93,7 +93,8 @@ class MethodConfig:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         check_fields(self)
         if not self.replay_ratio < 1:
-            raise ConfigError("method.replay_ratio", f"must be < 1 (a batch keeps some current-task samples), got {self.replay_ratio}")
+            reason = f"must be < 1 (a batch keeps some current-task samples), got {self.replay_ratio}"
+            raise ConfigError("method.replay_ratio", reason)
         self.mode_config()  # what the adapter itself checks beyond the field rules (e.g. dropout < 1)
 
     def mode_config(self, **flags: bool) -> MoDEConfig:
