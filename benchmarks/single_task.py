@@ -1,12 +1,15 @@
 """Every digits task trained alone from the base model with the default budget: is each one learnable?
 
     python benchmarks/single_task.py [--methods mode seq_lora] [--tasks parity prime] [--seed 0] [--jobs 2]
+                                     [--set train.epochs=4 ...] [--out DIR]
 
 Runs the in-process engine (``mode-cl run``'s path) with ``search_spaces/digits.yaml`` and
 ``tasks=[<task>]``, one process per run with one torch thread each, ``--jobs`` at a time. Prints,
 per task and method, the base model's (zero-shot) and the trained model's test accuracy (constrained
 to the task's answers, and open-vocabulary), against the benchmark's bar of 0.85, and writes the
-table and every ``results.json`` under ``--out``.
+table and every ``results.json`` under ``--out``. ``--set`` overrides config fields (as ``mode-cl run
+--set``) to try another budget; a run whose results are already under ``--out`` is resumed, so give
+each budget its own ``--out``.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BAR = 0.85  # every task, trained alone with the default budget, must reach this test accuracy
 
 
-def _one(job: tuple[str, str, int, str, str]) -> dict:
-    method, task, seed, work_dir, out_dir = job
+def _one(job: tuple[str, str, int, str, str, tuple[str, ...]]) -> dict:
+    method, task, seed, work_dir, out_dir, settings = job
     from trainables.config import load_run_config
     from trainables.engine import run_sequence
 
-    overrides = [f"tasks=[{task}]", f"method.name={method}", f"seed={seed}", "resources.cpus_per_worker=1"]
+    overrides = [f"tasks=[{task}]", f"method.name={method}", f"seed={seed}", "resources.cpus_per_worker=1", *settings]
     config = load_run_config(ROOT / "search_spaces" / "digits.yaml", overrides)
     return run_sequence(config, Path(work_dir), Path(out_dir) / f"{method}-{task}-seed{seed}", log=lambda _: None)
 
@@ -39,6 +42,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=continual_tasks())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--work-dir", default="mode-cl-work")
     parser.add_argument("--out", default="mode-cl-work/benchmarks/single_task")
     args = parser.parse_args()
@@ -46,9 +50,10 @@ def main() -> None:
     from trainables.benchmarks import prepare
     from trainables.config import load_run_config
 
-    config = load_run_config(ROOT / "search_spaces" / "digits.yaml", [f"seed={args.seed}"])
+    config = load_run_config(ROOT / "search_spaces" / "digits.yaml", [f"seed={args.seed}", *args.settings])
     prepare(config, Path(args.work_dir))
-    jobs = [(m, t, args.seed, args.work_dir, args.out) for t in args.tasks for m in args.methods]
+    settings = tuple(args.settings)
+    jobs = [(m, t, args.seed, args.work_dir, args.out, settings) for t in args.tasks for m in args.methods]
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(_one, jobs))
@@ -57,7 +62,8 @@ def main() -> None:
     lines = [
         f"each task alone from the base, search_spaces/digits.yaml budget (epochs {config.train.epochs}, "
         f"batch {config.train.batch_size}, lr {config.train.lr}, {config.data.task_train} samples), seed {args.seed}, "
-        f"wall {wall:.0f} s with {args.jobs} parallel runs",
+        f"wall {wall:.0f} s with {args.jobs} parallel runs"
+        + (f", overrides {' '.join(args.settings)}" if args.settings else ""),
         "",
         "| task | method | zero-shot | trained | open-vocab trained | ≥ 0.85 | gen acc base → after | engine s |",
         "|---|---|---|---|---|---|---|---|",

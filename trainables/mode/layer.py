@@ -94,8 +94,10 @@ class MoDELinear(nn.Module):
         b = torch.cat(stacked_b, dim=1) if len(stacked_b) > 1 else stacked_b[0]  # [out, (E+1)·r]
         weight = torch.cat(weights, dim=-1) if len(weights) > 1 else weights[0]
         hidden = torch.nn.functional.linear(self.dropout(x).to(a.dtype), a)  # [B, S, (E+1)·r]
-        hidden = hidden * weight.to(hidden.dtype)
-        delta = torch.nn.functional.linear(hidden, b) * config.scaling  # [B, S, out]
+        # α/r goes into the rank-wide weights, not onto the out-wide delta: one multiply of
+        # (E+1)·r columns instead of `out` columns, forward and backward.
+        hidden = hidden * (weight * config.scaling).to(hidden.dtype)
+        delta = torch.nn.functional.linear(hidden, b)  # [B, S, out]
         if state.recorder is not None:
             state.recorder.append({"layer": self, "image_mask": image_mask.detach(), "gates": gates.detach()})
         return result + delta.to(result.dtype)
