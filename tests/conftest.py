@@ -38,6 +38,14 @@ ARCH = ChameleonShape(
 
 
 @pytest.fixture(scope="session")
+def micro_work_dir(tmp_path_factory):
+    """A work dir (data + pretrained base) shared by every test that runs MICRO_RUN's data and base
+    settings, whatever its tasks and method: the micro base is pretrained once per session. Tests of
+    the caches themselves keep their own work dirs."""
+    return tmp_path_factory.mktemp("micro_work")
+
+
+@pytest.fixture(scope="session")
 def vocab() -> dict[str, int]:
     return make_vocabulary_map(WORDS, NUM_CODES)
 

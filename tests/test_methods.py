@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
+from tests.conftest import MICRO_RUN
+from trainables.config import load_run_config
+from trainables.engine import run_sequence
 from trainables.methods import METHODS, Batch, MethodConfig, StreamBatch, build_method
 
 
@@ -69,3 +74,25 @@ def test_seq_lora_default_rank_matches_mode_trainable_parameters_within_5_percen
     method = build_method(MethodConfig(name="seq_lora", r=r, num_experts=experts, lora_r=3), ids)
     method.attach(make_model())
     assert method.rank == 3
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_resumes_inside_a_task_bit_for_bit(name, micro_work_dir, tmp_path):
+    """Every method, killed two steps into its second task and resumed from that checkpoint, ends
+    with the uninterrupted run's results and adapter bytes (method state included)."""
+    overrides = [*MICRO_RUN, f"method.name={name}", "checkpoint.every_steps=1", "checkpoint.num_to_keep=0"]
+    config = load_run_config(None, overrides)
+    full = run_sequence(config, micro_work_dir, tmp_path / "full", log=lambda _: None)
+    shutil.copytree(tmp_path / "full", tmp_path / "crashed")
+    for directory in (tmp_path / "crashed" / "checkpoints").iterdir():
+        if directory.name > "ckpt_t01_s000002":
+            shutil.rmtree(directory)
+    (tmp_path / "crashed" / "results.json").unlink()
+    messages: list[str] = []
+    resumed = run_sequence(config, micro_work_dir, tmp_path / "crashed", log=messages.append)
+    assert any("resuming from checkpoint ckpt_t01_s000002: task 2, step 2" in m for m in messages)
+    for key in ("acc_matrix", "open_acc_matrix", "losses", "gen_acc", "gen_fd", "gen_nll"):
+        assert resumed[key] == full[key], key
+    final = "checkpoints/ckpt_t02_s000000/adapter"
+    for file in sorted((tmp_path / "full" / final).iterdir()):
+        assert (tmp_path / "crashed" / final / file.name).read_bytes() == file.read_bytes(), file.name
