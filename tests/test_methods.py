@@ -96,3 +96,11 @@ def test_method_resumes_inside_a_task_bit_for_bit(name, micro_work_dir, tmp_path
     final = "checkpoints/ckpt_t02_s000000/adapter"
     for file in sorted((tmp_path / "full" / final).iterdir()):
         assert (tmp_path / "crashed" / final / file.name).read_bytes() == file.read_bytes(), file.name
+
+
+def test_baseline_settings_enter_the_config_hash_only_when_changed():
+    default = load_run_config(None, []).config_hash()
+    assert load_run_config(None, ["method.replay_per_task=40", "method.clmoe_beta_old=0.7"]).config_hash() == default
+    assert load_run_config(None, ["method.replay_per_task=3"]).config_hash() != default
+    assert load_run_config(None, ["method.lwf_weight=2"]).config_hash() != default
+    assert "replay_per_task" not in load_run_config(None, []).to_dict()["method"]

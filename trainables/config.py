@@ -14,7 +14,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,11 @@ class TrainConfig:
         check_fields(self)
 
 
+# Settings of the replay, lwf, olora and cl_moe baselines: left out of a config's dict (and hash)
+# while at their defaults, so runs and sweeps configured without them resume across versions.
+BASELINE_FIELDS = tuple(
+    f.name for f in fields(MethodConfig) if f.name.startswith(("replay_", "lwf_", "olora_", "clmoe_"))
+)
 EVAL_TASKS = ("all", "learned_and_next")
 EVAL_GENERATION = ("every_stage", "base_and_final")
 
@@ -175,6 +180,10 @@ class RunConfig:
         for name, default in (("tasks", "all"), ("generation", "every_stage")):
             if data["eval"][name] == default:  # runs on the default schedule keep their earlier hash
                 del data["eval"][name]
+        defaults = MethodConfig()
+        for name in BASELINE_FIELDS:  # runs that leave these baselines' settings alone keep their earlier hash
+            if data["method"][name] == getattr(defaults, name):
+                del data["method"][name]
         if "coin" not in data:
             return data
         if data["coin"]["vqgan"] is None:  # CoIN runs without T2I scoring keep their earlier dict (and hash)

@@ -67,6 +67,16 @@ class MethodConfig:
         lwf_weight / lwf_temperature: ``lwf``'s distillation weight and temperature.
         olora_weight / olora_l2: ``olora``'s orthogonality weight λ1 and its L2 weight λ2 on the
             current task's LoRA (the O-LoRA paper's λ1, λ2).
+        clmoe_top_k_instance / clmoe_top_k_task: ``cl_moe``'s k for the instance-level router (local
+            experts per token) and for the task-level router (global experts per task); capped at
+            ``num_experts``.
+        clmoe_router_mix: ``cl_moe``'s β in g = β·G^I(x) + (1 − β)·G^T(t), the share of the
+            instance-level gate (≤ 1).
+        clmoe_beta_shared / clmoe_beta_new / clmoe_beta_old: ``cl_moe``'s momentum β_e after each
+            task (θ_e ← β_e·θ_e^old + (1 − β_e)·θ_e^new, each ≤ 1) for experts the task shares with
+            earlier tasks, experts only this task selected, and experts this task did not select.
+        clmoe_key_samples: training samples of a task whose mean layer inputs are its key (the
+            task-level router's input and the task identifier at inference).
     """
 
     name: str = setting("mode", choices=lambda: METHODS, noun="method")
@@ -88,6 +98,13 @@ class MethodConfig:
     lwf_temperature: float = setting(2.0, gt=0)
     olora_weight: float = setting(0.5, ge=0)
     olora_l2: float = setting(0.0, ge=0)
+    clmoe_top_k_instance: int = setting(2, gt=0)
+    clmoe_top_k_task: int = setting(2, gt=0)
+    clmoe_router_mix: float = setting(0.5, ge=0)  # ≤ 1: checked below
+    clmoe_beta_shared: float = setting(0.5, ge=0)  # the three betas ≤ 1: checked below
+    clmoe_beta_new: float = setting(0.3, ge=0)
+    clmoe_beta_old: float = setting(0.7, ge=0)
+    clmoe_key_samples: int = setting(128, gt=0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -95,6 +112,9 @@ class MethodConfig:
         if not self.replay_ratio < 1:
             reason = f"must be < 1 (a batch keeps some current-task samples), got {self.replay_ratio}"
             raise ConfigError("method.replay_ratio", reason)
+        for name in ("clmoe_router_mix", "clmoe_beta_shared", "clmoe_beta_new", "clmoe_beta_old"):
+            if getattr(self, name) > 1:  # shares and momenta: a value above 1 extrapolates
+                raise ConfigError(f"method.{name}", f"must be ≤ 1, got {getattr(self, name)!r}")
         self.mode_config()  # what the adapter itself checks beyond the field rules (e.g. dropout < 1)
 
     def mode_config(self, **flags: bool) -> MoDEConfig:
