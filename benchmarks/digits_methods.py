@@ -1,11 +1,16 @@
 """The paper-style table on the digits benchmark: every method × seeds × task orders, mean ± 95 % CI.
 
-    python benchmarks/digits_methods.py [--seeds 0 1 2 3 4] [--methods mode seq_lora] [--jobs 2] [--out DIR]
+    python benchmarks/digits_methods.py [--seeds 0 1 2 3 4] [--methods mode seq_lora] [--jobs 2]
+                                        [--set resources.use_gpu=true ...] [--out DIR] [--runs DIR]
+    python benchmarks/digits_methods.py --summarize [--out DIR]    # the table from results so far
 
 Runs the in-process engine (``mode-cl run``'s path) with ``search_spaces/digits.yaml``, on its task
-order and the reverse order, one process per run with one torch thread each, ``--jobs`` at a time.
-Each seed has its own data split and base model (built first, once per seed). Prints and writes
-(``summary.md``, every run in ``all_results.json``):
+order and the reverse order, one process per run with one torch thread each, ``--jobs`` at a time,
+seed by seed (every method of a seed before the next seed). Each seed has its own data split and
+base model (built first, once per seed). Each finished run is appended to ``all_results.jsonl`` in
+``--out`` at once, and runs already there are not run again: an interrupted benchmark continues
+where it stopped, and ``--summarize`` tables whatever has finished. ``--set`` overrides config
+fields of every run (as ``mode-cl run --set``). Prints and writes ``summary.md``:
 
 - per method, the mean and the 95 % confidence interval (Student t over the seed × order runs) of
   understanding accuracy, forgetting, retention, open-vocabulary accuracy, generation accuracy,
@@ -20,7 +25,7 @@ import argparse
 import json
 import math
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -38,19 +43,20 @@ METRICS = (
 )
 
 
-def _config(method: str, seed: int, order: list[str]):
+def _config(method: str, seed: int, order: list[str], settings: tuple[str, ...] = ()):
     from trainables.config import load_run_config
 
     overrides = [f"method.name={method}", f"seed={seed}", f"tasks=[{', '.join(order)}]", "resources.cpus_per_worker=1"]
-    return load_run_config(ROOT / "search_spaces" / "digits.yaml", overrides)
+    return load_run_config(ROOT / "search_spaces" / "digits.yaml", [*overrides, *settings])
 
 
-def _one(job: tuple[str, int, tuple[str, ...], str, str]) -> dict:
-    method, seed, order, work_dir, out_dir = job
+def _one(job: tuple[str, int, tuple[str, ...], str, str, tuple[str, ...]]) -> dict:
+    method, seed, order, work_dir, runs_dir, settings = job
     from trainables.engine import run_sequence
 
     name = f"{method}-seed{seed}-{'_'.join(order)}"
-    result = run_sequence(_config(method, seed, list(order)), Path(work_dir), Path(out_dir) / name, log=lambda _: None)
+    config = _config(method, seed, list(order), settings)
+    result = run_sequence(config, Path(work_dir), Path(runs_dir) / name, log=lambda _: None)
     result["order"] = list(order)
     result["gen_acc_final"], result["gen_fd_final"] = result["gen_acc"][-1], result["gen_fd"][-1]
     return result
@@ -80,30 +86,63 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--work-dir", default="mode-cl-work")
     parser.add_argument("--out", default="mode-cl-work/benchmarks/digits_methods")
+    parser.add_argument("--runs", help="each run's checkpoints and results.json (default: OUT/runs)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--summarize", action="store_true", help="only table the runs already in OUT")
     args = parser.parse_args()
 
     from trainables.benchmarks import prepare
     from trainables.config import load_run_config
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = out / "all_results.jsonl"
+    done = [json.loads(line) for line in record.read_text().splitlines()] if record.is_file() else []
     order = list(load_run_config(ROOT / "search_spaces" / "digits.yaml").tasks)
     orders = [tuple(order), tuple(reversed(order))]
-    for seed in args.seeds:  # data and base model of each seed, once, before the runs share them
-        prepare(_config(args.methods[0], seed, order), Path(args.work_dir))
-    jobs = [(m, s, o, args.work_dir, args.out) for m in args.methods for s in args.seeds for o in orders]
+    settings = tuple(args.settings)
+    planned = {  # seed by seed, so that an interrupted benchmark holds whole seeds of every method
+        (m, s, o): _config(m, s, list(o), settings).config_hash()
+        for s in args.seeds
+        for o in orders
+        for m in args.methods
+    }
+    finished = {r["config_hash"] for r in done}  # a run counts only with the very config asked for now
+    jobs = [
+        (m, s, o, args.work_dir, args.runs or str(out / "runs"), settings)
+        for (m, s, o), config_hash in planned.items()
+        if config_hash not in finished
+    ]
     started = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(_one, jobs))
+    if jobs and not args.summarize:
+        for seed in dict.fromkeys(job[1] for job in jobs):  # data and base model of each seed, once
+            prepare(_config(args.methods[0], seed, order, settings), Path(args.work_dir))
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool, record.open("a") as sink:
+            for future in as_completed([pool.submit(_one, job) for job in jobs]):
+                result = future.result()
+                done.append(result)
+                sink.write(json.dumps(result) + "\n")
+                sink.flush()
+                print(f"done: {result['method']} seed {result['seed']} {result['order'][0]} first "
+                      f"({result['profile']['seconds']['total']:.0f} s)", flush=True)  # fmt: skip
     wall = time.perf_counter() - started
+    wanted = set(planned.values())
+    results = [r for r in done if r["config_hash"] in wanted]
+    if not results:
+        raise SystemExit(f"no finished runs in {record}")
+    devices = sorted({r["config"]["resources"].get("use_gpu", False) for r in results})
 
-    runs = len(args.seeds) * len(orders)
+    counts = sorted({sum(r["method"] == m for r in results) for m in args.methods})
     lines = [
-        f"digits, search_spaces/digits.yaml, seeds {args.seeds} × orders {[' → '.join(o) for o in orders]} "
-        f"= {runs} runs per method; mean ± 95 % CI (Student t, n = {runs}); wall {wall:.0f} s, {args.jobs} in parallel",
+        f"digits, search_spaces/digits.yaml, seeds {sorted({r['seed'] for r in results})} × orders "
+        f"{[' → '.join(o) for o in orders]}; runs per method {counts}; mean ± 95 % CI (Student t over "
+        f"runs); this invocation's wall {wall:.0f} s, {args.jobs} in parallel; use_gpu {devices}"
+        + (f"; overrides {' '.join(settings)}" if settings else ""),
         "",
         "| method | " + " | ".join(label for _, label in METRICS) + " | engine s/run |",
         "|---|" + "---|" * (len(METRICS) + 1),
     ]
-    base_rows = {(r["seed"], tuple(r["order"])): r for r in results}
+    base_rows = {(r["seed"], tuple(r["order"])): r for r in results}  # the base model's stage 0, once per run
     zero_shot = [float(np.mean(r["acc_matrix"][0])) for r in base_rows.values()]
     zero_open = [float(np.mean(r["open_acc_matrix"][0])) for r in base_rows.values()]
     zero_gen = [r["gen_acc"][0] for r in base_rows.values()]
@@ -112,26 +151,32 @@ def main() -> None:
     lines.append("| zero-shot (base) | " + " | ".join(zero) + " |")
     for method in args.methods:
         mine = [r for r in results if r["method"] == method]
+        if not mine:
+            continue
         cells = [_cell([r[key] for r in mine if r[key] is not None]) for key, _ in METRICS]
         seconds = np.mean([r["profile"]["seconds"]["total"] for r in mine])
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds:.0f} |")
     if args.reference in args.methods:
-        lines += ["", f"paired differences {args.reference} − method (same seed and order), mean ± 95 % CI:", ""]
+        lines += [
+            "",
+            f"paired differences {args.reference} − method (same seed and order; n pairs), mean ± 95 % CI:",
+            "",
+        ]
         lines += ["| method | " + " | ".join(label for _, label in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
         reference = {(r["seed"], tuple(r["order"])): r for r in results if r["method"] == args.reference}
         for method in (m for m in args.methods if m != args.reference):
             other = {(r["seed"], tuple(r["order"])): r for r in results if r["method"] == method}
+            if not any(k in other for k in reference):
+                continue
             cells = []
             for key, _ in METRICS:
                 pairs = [(reference[k][key], other[k][key]) for k in reference if k in other]
                 cells.append(_cell([a - b for a, b in pairs if a is not None and b is not None]))
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            pairs = sum(k in other for k in reference)
+            lines.append(f"| {method} (n {pairs}) | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text + "\n")
-    (out / "all_results.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
