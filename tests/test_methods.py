@@ -104,3 +104,17 @@ def test_baseline_settings_enter_the_config_hash_only_when_changed():
     assert load_run_config(None, ["method.replay_per_task=3"]).config_hash() != default
     assert load_run_config(None, ["method.lwf_weight=2"]).config_hash() != default
     assert "replay_per_task" not in load_run_config(None, []).to_dict()["method"]
+
+
+def test_the_ray_train_matrix_covers_every_method_family():
+    """A method runs under DDP in tests/test_ray_train.py itself or shares a class below ``Method``
+    with one that does; a method of a new family must join that matrix."""
+    from tests.test_ray_train import DDP_METHODS
+    from trainables.methods import Method
+
+    def families(cls):
+        return {c for c in cls.__mro__ if issubclass(c, Method) and c is not Method}
+
+    covered = set().union(*(families(METHODS[name]) for name in DDP_METHODS))
+    for name, cls in METHODS.items():
+        assert families(cls) & covered, f"{name}: add it to tests/test_ray_train.py DDP_METHODS"

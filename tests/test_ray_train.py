@@ -73,12 +73,23 @@ def test_ray_train_equals_in_process_and_resumes_exactly_after_a_killed_worker(
     assert final.read_bytes() == (reference_out / "checkpoints" / "ckpt_t03_s000000" / ADAPTER).read_bytes()
 
 
-def test_two_ddp_workers_on_gloo_follow_the_single_worker_loss_curve(ray_session, work_dir, tmp_path):
+# One method per code path that ranks could get wrong: MoDE's distillation stream (and with it the
+# MoDE family: mode_no_kd, tmoe_only, moelora), the peft LoRA with a replay batch and a buffer
+# (and with it seq_lora), lwf's snapshot, olora's per-task adapters, cl_moe's counts summed over
+# ranks. Each case starts a Ray Train worker group (~40 s here), so the others are not repeated.
+DDP_METHODS = ["mode", "replay", "lwf", "olora", "cl_moe"]
+
+
+@pytest.mark.parametrize("method", DDP_METHODS)
+def test_two_ddp_workers_on_gloo_follow_the_single_worker_loss_curve(ray_session, work_dir, tmp_path, method):
+    """A method under Ray Train with 2 workers: same global batches (each rank its share, the
+    method's extra batches too), gradients averaged, method state kept equal across ranks."""
     from orchestrator.train import run_with_ray
 
     # Dropout off: with it, each rank draws its own masks and the curves differ by design.
-    single = load_run_config(None, [*MICRO, "method.dropout=0.0"])
-    double = load_run_config(None, [*MICRO, "method.dropout=0.0", "resources.num_workers=2"])
+    common = [*MICRO, "method.dropout=0.0", f"method.name={method}"]
+    single = load_run_config(None, common)
+    double = load_run_config(None, [*common, "resources.num_workers=2"])
     one = run_sequence(single, work_dir, None, log=lambda _: None)
     two = run_with_ray(double, work_dir, tmp_path / "out", "ddp", str(tmp_path / "storage"), log=lambda _: None)
     curve_one, curve_two = np.concatenate(one["losses"]), np.concatenate(two["losses"])
