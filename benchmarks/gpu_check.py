@@ -138,7 +138,7 @@ def run_method(name: str, args, device: torch.device, dtype: torch.dtype, shape:
     kd = method.USES_KD and method.config.kd_weight > 0
     flops = step_flops(matmul_params(model), shape.num_hidden_layers, shape.hidden_size, args.batch, args.seq_len, kd)
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    rank = method.rank if name == "seq_lora" else args.r * args.experts
+    rank = method.rank if name == "seq_lora" else args.r * (args.experts + 1)  # experts + V-Adapter
     result = {
         "method": name,
         "total_rank": rank,

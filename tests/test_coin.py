@@ -363,6 +363,6 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     for run in report["runs"]:
         assert run["tokens_per_s"] > 0 and math.isfinite(run["final_loss"]) and run["steps"] >= 2
     mode, lora = (next(r for r in report["runs"] if r["method"] == m) for m in ("mode", "seq_lora"))
-    assert lora["total_rank"] == mode["total_rank"]  # equal total rank: r·experts
+    assert abs(lora["trainable_params"] / mode["trainable_params"] - 1) <= 0.05  # seq_lora is parameter-matched
     assert report["model"]["vocab_size"] == 65536 and report["model"]["image_codes"] == [4, 8195]
     assert "| mode |" in (tmp_path / "gpu_check.md").read_text()

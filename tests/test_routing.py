@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -99,3 +100,29 @@ def test_route_as_overrides_routing(make_model, seq):
     with torch.no_grad(), route_as(model, "image"), record_routing(model) as records:
         model(input_ids=tokens)
     assert all(r["image_mask"].all() for r in records)
+
+
+def test_decoding_refuses_a_transformers_that_ignores_the_cache(make_model, ids, monkeypatch):
+    """Transformers < 5.24 drops `cache=`; generation must stop instead of sampling from one token."""
+    from trainables.benchmarks.digits.evaluate import generate_images
+
+    model = make_model()
+    forward = model.model.forward
+
+    def without_cache(*args, cache=None, **kwargs):
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.model, "forward", without_cache)
+
+    class Builder:
+        def __init__(self, ids):
+            self.ids = ids
+
+        def generation_prompt(self, digit):
+            return [ids.bos, ids.separator]
+
+    with pytest.raises(RuntimeError, match="ignored `cache=`"):
+        generate_images(model, Builder(ids), [0, 1], 0.0, torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    tokens = generate_images(model, Builder(ids), [0, 1], 0.0, torch.Generator().manual_seed(0))
+    assert tokens.shape == (2, 64)

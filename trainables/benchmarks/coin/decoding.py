@@ -8,6 +8,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from trainables.benchmarks.coin.sharding import model_device
+from trainables.decoding import require_cache_filled
 from trainables.losses import unwrap
 from trainables.vocab import TokenIds
 
@@ -35,6 +36,7 @@ class CachedDecoding:
         self.hidden = lm.model(
             input_ids=input_ids, attention_mask=self.mask, position_ids=positions, cache=self.cache, use_cache=True
         ).last_hidden_state
+        require_cache_filled(self.cache, input_ids.shape[1])
         self.next_position = positions[:, -1:] + 1
 
     def next_logits(self, blocked: torch.Tensor) -> torch.Tensor:

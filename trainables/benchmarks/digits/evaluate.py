@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from trainables.batching import SampleSet, pad
 from trainables.benchmarks.digits.data import SequenceBuilder
+from trainables.decoding import require_cache_filled
 from trainables.losses import (
     answer_labels,
     causal_lm_logits,
@@ -101,6 +102,7 @@ def generate_images(
     lm = unwrap(model)
     cache = DynamicCache(config=lm.config)
     hidden = lm.model(input_ids=prompts, cache=cache, use_cache=True).last_hidden_state
+    require_cache_filled(cache, prompts.shape[1])
     tokens = []
     for _ in range(IMAGE_TOKENS):
         logits = lm.lm_head(hidden[:, -1]).float()[:, codes]
