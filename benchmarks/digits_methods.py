@@ -15,7 +15,7 @@ fields of every run (as ``mode-cl run --set``). Prints and writes ``summary.md``
 - per method, the mean and the 95 % confidence interval (Student t over the seed × order runs) of
   understanding accuracy, forgetting, retention, open-vocabulary accuracy, generation accuracy,
   gen FD and inter-modal forgetting; a zero-shot row from the base model's stage-0 scores;
-- paired differences of ``--reference`` (default ``mode``) minus each other method, over runs with
+- paired differences of each other method minus ``--reference`` (default ``mode``), over runs with
   the same seed and task order, with their 95 % t interval.
 """
 
@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = (
@@ -62,18 +60,10 @@ def _one(job: tuple[str, int, tuple[str, ...], str, str, tuple[str, ...]]) -> di
     return result
 
 
-def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
-    """(mean, half-width of the Student-t confidence interval); half-width NaN for one value."""
-    array = np.asarray(values, dtype=np.float64)
-    if len(array) < 2:
-        return float(array.mean()), math.nan
-    half = stats.t.ppf((1 + level) / 2, len(array) - 1) * array.std(ddof=1) / math.sqrt(len(array))
-    return float(array.mean()), float(half)
-
-
 def _cell(values: list[float]) -> str:
-    mean, half = mean_ci(values)
-    return f"{mean:.3f}" if math.isnan(half) else f"{mean:.3f} ± {half:.3f}"
+    from orchestrator.aggregate import t_interval
+
+    return t_interval(values).text()
 
 
 def main() -> None:
@@ -157,23 +147,19 @@ def main() -> None:
         seconds = np.mean([r["profile"]["seconds"]["total"] for r in mine])
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds:.0f} |")
     if args.reference in args.methods:
-        lines += [
-            "",
-            f"paired differences {args.reference} − method (same seed and order; n pairs), mean ± 95 % CI:",
-            "",
-        ]
-        lines += ["| method | " + " | ".join(label for _, label in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-        reference = {(r["seed"], tuple(r["order"])): r for r in results if r["method"] == args.reference}
-        for method in (m for m in args.methods if m != args.reference):
-            other = {(r["seed"], tuple(r["order"])): r for r in results if r["method"] == method}
-            if not any(k in other for k in reference):
-                continue
-            cells = []
-            for key, _ in METRICS:
-                pairs = [(reference[k][key], other[k][key]) for k in reference if k in other]
-                cells.append(_cell([a - b for a, b in pairs if a is not None and b is not None]))
-            pairs = sum(k in other for k in reference)
-            lines.append(f"| {method} (n {pairs}) | " + " | ".join(cells) + " |")
+        from orchestrator.aggregate import paired_differences
+
+        lines += ["", f"paired differences method − {args.reference} (same seed and order), mean ± 95 % CI:", ""]
+        lines += ["| method | n | " + " | ".join(label for _, label in METRICS) + " |"]
+        lines += ["|---|" + "---|" * (len(METRICS) + 1)]
+        rows = [{**r, "order": tuple(r["order"])} for r in results]
+        metrics = [key for key, _ in METRICS]
+        for (method,), intervals in paired_differences(
+            rows, ["method"], ("method", args.reference), ["seed", "order"], metrics
+        ):
+            n = max(interval.n for interval in intervals.values())
+            if n:
+                lines.append(f"| {method} | {n} | " + " | ".join(intervals[m].text() for m in metrics) + " |")
     text = "\n".join(lines)
     print(text)
     (out / "summary.md").write_text(text + "\n")

@@ -170,14 +170,25 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from orchestrator.report import report_trials
+    from orchestrator.report import GROUPED_FORMATS, report_groups, report_trials
     from orchestrator.sweep_store import find_sweep
+    from trainables.config_rules import ConfigError
 
+    grouping = args.group_by is not None or args.baseline is not None or args.half_width is not None
+    if args.format in set(GROUPED_FORMATS) - {"table", "json", "parquet"} and not grouping:
+        raise ConfigError("--format", f"{args.format} is for grouped reports; add --group-by")
+    if args.half_width is not None and not args.half_width > 0:
+        raise ConfigError("--half-width", f"must be > 0, got {args.half_width}")
     if args.cluster:
+        if grouping:
+            raise ConfigError("--group-by", "grouped reports read the sweep's files: copy them from the cluster first")
         from orchestrator.cluster import load_cluster, report_on_cluster
 
         return report_on_cluster(load_cluster(args.cluster), args.sweep, args.format)
-    return report_trials(find_sweep(args.sweep, _storage(args)), args.format, args.output)
+    directory = find_sweep(args.sweep, _storage(args))
+    if grouping:
+        return report_groups(directory, args.group_by or [], args.baseline, args.half_width, args.format, args.output)
+    return report_trials(directory, args.format, args.output)
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -303,8 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     resume.set_defaults(func=_resume)
     report = commands.add_parser("report", help="every trial of a sweep: config, final metrics, status")
     report.add_argument("sweep", help="sweep name or directory")
-    report.add_argument("--format", choices=("table", "json", "parquet"), default="table")
-    report.add_argument("--output", help="file for parquet (default <sweep dir>/trials.parquet)")
+    report.add_argument("--format", choices=("table", "markdown", "latex", "csv", "json", "parquet"), default="table")
+    report.add_argument("--output", help="write here (parquet default: <sweep dir>/trials.parquet or groups.parquet)")
+    report.add_argument(
+        "--group-by",
+        nargs="*",
+        metavar="KEY",
+        help="mean ± 95%% t interval per group of these swept keys (none given: every swept key but seed)",
+    )
+    report.add_argument(
+        "--baseline", metavar="KEY=VALUE", help="paired differences against this group, e.g. method.name=seq_lora"
+    )
+    report.add_argument("--half-width", type=float, help="also say how many runs a group needs for this CI half-width")
     report.add_argument("--storage", help="where the sweep was run (default <work-dir>/sweeps)")
     report.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     report.add_argument("--cluster", type=Path, help="the sweep ran on this `ray up` cluster")

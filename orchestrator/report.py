@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import math
 import sys
 from typing import Any
 
@@ -144,3 +146,127 @@ def print_collection(directory, result, work_dir, dry_run: bool) -> None:
                        ("teacher_cache", "teacher caches")):  # fmt: skip
         table.add_row(f"{what}: {work_dir / name}", f"{tree_size(work_dir / name) / 2**20:.1f}")
     console.print(table)
+
+
+GROUPED_FORMATS = ("table", "markdown", "latex", "csv", "json", "parquet")
+
+
+def report_groups(
+    directory,
+    by: list[str],
+    baseline: str | None,
+    half_width: float | None,
+    output_format: str,
+    output: str | None,
+) -> int:
+    """``mode-cl report --group-by``: the trials of a sweep grouped (default: by every swept key but
+    the seed), each summary metric as mean ± 95 % Student t interval, optionally paired differences
+    against ``--baseline KEY=VALUE`` (runs paired on seed and task order) and the runs a group needs
+    for ``--half-width``."""
+    import csv
+    import io
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from orchestrator.aggregate import INTERVAL, SUMMARY_METRICS, grouped_table
+    from orchestrator.sweep import trial_table
+    from trainables.config_rules import ConfigError
+
+    rows = [r for r in trial_table(Path(directory)) if r.get("status") == "TERMINATED"]
+    if not rows:
+        raise ConfigError(str(directory), "no finished trial to group")
+    swept = [k for k in rows[0] if k.startswith("config.")]
+
+    def column(key: str, what: str) -> str:
+        name = key if key.startswith("config.") else f"config.{key}"
+        if name not in swept:
+            known = ", ".join(k.removeprefix("config.") for k in swept)
+            raise ConfigError(what, f"{key!r} is not a swept key of this sweep (swept: {known})")
+        return name
+
+    keys = [column(k, "--group-by") for k in by] or [k for k in swept if k != "config.seed"]
+    reference = None
+    if baseline is not None:
+        key, separator, value = baseline.partition("=")
+        if not separator:
+            raise ConfigError("--baseline", f"expected KEY=VALUE (e.g. method.name=seq_lora), got {baseline!r}")
+        reference = (column(key, "--baseline"), yaml.safe_load(value))
+        if reference[0] not in keys:
+            keys.append(reference[0])
+    pair_on = [k for k in ("config.seed", "config.tasks") if k in swept and k not in keys]
+    metrics = [m for m in SUMMARY_METRICS if any(r.get(m) is not None for r in rows)]
+    try:
+        records = grouped_table(rows, keys, metrics, reference, pair_on, half_width)
+    except ValueError as error:
+        raise ConfigError("--baseline", str(error)) from None
+    names = lambda columns: ", ".join(k.removeprefix("config.") for k in columns) or "nothing"  # noqa: E731
+    title = f"mean ± 95 % {INTERVAL} interval over runs, grouped by {names(keys)}"
+    if reference is not None:
+        title += f"; Δ rows: group − {baseline} on runs paired by {names(pair_on)}"
+    if output_format in ("json", "csv", "parquet"):
+        if output_format == "json":
+            text = json.dumps(records, indent=2)
+        elif output_format == "csv":
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in records for k in r)))
+            writer.writeheader()
+            writer.writerows(records)
+            text = buffer.getvalue()
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            target = Path(output) if output else Path(directory) / "groups.parquet"
+            pq.write_table(pa.Table.from_pylist(records), target)
+            print(f"wrote {len(records)} groups to {target}")
+            return 0
+    else:
+        text = _render_groups(records, keys, metrics, half_width, output_format, title)
+    if output:
+        Path(output).write_text(text if text.endswith("\n") else text + "\n")
+        print(f"wrote {output}")
+    else:
+        print(text.rstrip("\n"))
+    return 0
+
+
+def _render_groups(records, keys, metrics, half_width, output_format: str, title: str) -> str:
+    from orchestrator.aggregate import Interval
+
+    headers = ["", *(k.removeprefix("config.") for k in keys), "n", *metrics]
+    body = []
+    for record in records:
+        cells = []
+        for m in metrics:
+            cell = Interval(record[f"{m}_n"], record[m], record[f"{m}_ci"], math.nan).text()
+            needed = record.get(f"{m}_seeds_needed")
+            cells.append(f"{cell} (n≥{needed})" if needed else cell)
+        n = max(record[f"{m}_n"] for m in metrics)
+        kind = "" if record["kind"] == "group" else "Δ"
+        body.append([kind, *(str(record[k]) for k in keys), str(n), *cells])
+    note = f"; (n≥k): runs needed for ± {half_width}" if half_width is not None else ""
+    if output_format == "markdown":
+        lines = [f"{title}{note}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in body)])
+    if output_format == "latex":
+        escape = _latex
+        columns = "l" * (len(keys) + 2) + "r" * len(metrics)
+        lines = [f"% {title}{note}", r"\begin{tabular}{" + columns + "}", r"\toprule"]
+        lines.append(" & ".join(escape(h) for h in headers) + r" \\")
+        lines.append(r"\midrule")
+        lines += [" & ".join(escape(c) for c in row) + r" \\" for row in body]
+        return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"])
+    table = Table(title=f"{title}{note}")
+    for header in headers:
+        table.add_column(header, justify="right" if header in metrics or header == "n" else "left")
+    for row in body:
+        table.add_row(*row)
+    console = Console(width=220, record=True, file=io.StringIO())
+    console.print(table)
+    return console.export_text()
+
+
+def _latex(text: str) -> str:
+    return text.replace("_", r"\_").replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("≥", r"$\geq$")

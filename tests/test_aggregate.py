@@ -1,0 +1,130 @@
+"""Mean ± t interval per group, paired differences and seeds needed, on hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from orchestrator.aggregate import grouped, grouped_table, paired_differences, seeds_needed, t_interval
+
+T_2 = 4.302652729911275  # t_{2, 0.975}
+T_1 = 12.706204736174707  # t_{1, 0.975}
+
+
+def test_t_interval_by_hand():
+    interval = t_interval([1.0, 2.0, 3.0])
+    assert (interval.n, interval.mean, interval.std) == (3, 2.0, 1.0)
+    assert interval.half == pytest.approx(T_2 / math.sqrt(3))
+    assert interval.low == pytest.approx(2.0 - T_2 / math.sqrt(3))
+    assert interval.text() == "2.000 ± 2.484"
+    one = t_interval([0.5, None, math.nan])  # missing values are left out
+    assert one.n == 1 and one.mean == 0.5 and math.isnan(one.half) and one.text() == "0.500"
+    assert t_interval([]).text() == "—"
+
+
+def test_seeds_needed_by_hand():
+    # std 1, half-width 1: t_{n-1}/sqrt(n) = 8.98 (n 2), 2.48, 1.59, 1.24, 1.05, 0.925 (n 7)
+    assert seeds_needed(1.0, 1.0) == 7
+    assert seeds_needed(1.0, 2.5) == 3  # 2.484 ≤ 2.5
+    assert seeds_needed(0.0, 0.01) == 2
+    assert seeds_needed(math.nan, 0.1) is None
+    assert seeds_needed(1.0, 1e-6, limit=50) is None
+
+
+ROWS = [
+    {"method": "mode", "seed": 0, "order": "ab", "forgetting": 0.30},
+    {"method": "mode", "seed": 1, "order": "ab", "forgetting": 0.40},
+    {"method": "mode", "seed": 0, "order": "ba", "forgetting": 0.20},
+    {"method": "lora", "seed": 0, "order": "ab", "forgetting": 0.50},
+    {"method": "lora", "seed": 1, "order": "ab", "forgetting": 0.50},
+    {"method": "lora", "seed": 1, "order": "ba", "forgetting": 0.90},  # no mode partner
+]
+
+
+def test_groups_by_hand():
+    (mode_key, mode), (lora_key, lora) = grouped(ROWS, ["method"], ["forgetting"])
+    assert mode_key == ("mode",) and lora_key == ("lora",)
+    assert mode["forgetting"].mean == pytest.approx(0.30) and mode["forgetting"].std == pytest.approx(0.10)
+    assert mode["forgetting"].half == pytest.approx(T_2 * 0.10 / math.sqrt(3))
+    assert lora["forgetting"].n == 3 and lora["forgetting"].mean == pytest.approx(19 / 30)
+
+
+def test_paired_differences_match_seed_and_order():
+    [(key, diff)] = paired_differences(ROWS, ["method"], ("method", "lora"), ["seed", "order"], ["forgetting"])
+    # pairs (seed 0, ab): 0.30 − 0.50 and (seed 1, ab): 0.40 − 0.50; (seed 0, ba) has no lora partner
+    assert key == ("mode",) and diff["forgetting"].n == 2
+    assert diff["forgetting"].mean == pytest.approx(-0.15)
+    assert diff["forgetting"].half == pytest.approx(T_1 * math.sqrt(0.005) / math.sqrt(2))
+    with pytest.raises(ValueError, match="no run has method = 'olora'"):
+        paired_differences(ROWS, ["method"], ("method", "olora"), ["seed"], ["forgetting"])
+    with pytest.raises(ValueError, match="not one of the grouping keys"):
+        paired_differences(ROWS, ["order"], ("method", "lora"), ["seed"], ["forgetting"])
+
+
+def test_grouped_table_records_and_seeds_needed():
+    records = grouped_table(
+        ROWS, ["method"], ["forgetting"], baseline=("method", "lora"), pair_on=["seed", "order"], half_width=0.1
+    )
+    assert [(r["kind"], r["method"], r["forgetting_n"]) for r in records] == [
+        ("group", "mode", 3),
+        ("group", "lora", 3),
+        ("difference", "mode", 2),
+    ]
+    # mode: std 0.1 → the smallest n with t_{n-1}·0.1/√n ≤ 0.1 is 7 (as in the hand case above)
+    assert records[0]["forgetting_seeds_needed"] == 7
+
+
+TRIALS = [
+    {"trial_id": f"t{i}", "status": "TERMINATED", "config.method.name": m, "config.seed": s, "config.tasks": o,
+     "avg_acc": acc, "forgetting": f}
+    for i, (m, s, o, acc, f) in enumerate(
+        [("mode", 0, "a,b", 0.6, 0.30), ("mode", 1, "a,b", 0.8, 0.40), ("seq_lora", 0, "a,b", 0.5, 0.50),
+         ("seq_lora", 1, "a,b", 0.5, 0.50)]
+    )
+]  # fmt: skip
+
+
+@pytest.fixture
+def sweep_rows(monkeypatch, tmp_path):
+    monkeypatch.setattr("orchestrator.sweep.trial_table", lambda directory: TRIALS)
+    monkeypatch.setattr("orchestrator.sweep_store.find_sweep", lambda name, storage: tmp_path)
+    return tmp_path
+
+
+def test_report_group_by_prints_groups_differences_and_seeds_needed(sweep_rows, capsys):
+    from orchestrator.cli import main
+
+    # by default every swept key but the seed groups: here method and task order
+    assert main(["report", "s", "--group-by", "--baseline", "method.name=seq_lora", "--format", "markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "grouped by method.name, tasks" in out and "paired by seed" in out
+    argv = ["report", "s", "--group-by", "method.name", "--baseline", "method.name=seq_lora", "--format", "markdown"]
+    assert main([*argv, "--half-width", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "grouped by method.name" in out and "paired by seed, tasks" in out
+    # mode's avg acc: mean 0.7, std 0.1414, n 2 → half 12.706·0.1414/√2 = 1.271, and for ± 0.1 it
+    # needs n = 11 (t_10·0.1414/√11 = 0.095); Δ vs seq_lora: 0.2 ± 1.271, forgetting −0.15 ± 0.635
+    assert "|  | mode | 2 | 0.700 ± 1.271 (n≥11) |" in out
+    assert "| Δ | mode | 2 | 0.200 ± 1.271 (n≥11) | -0.150 ± 0.635 (n≥5) |" in out
+    assert main(["report", "s", "--group-by", "method.name", "--format", "csv"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].startswith("kind,config.method.name,avg_acc,avg_acc_ci,avg_acc_n") and len(rows) == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--group-by", "method.rank"], "--group-by: 'method.rank' is not a swept key"),
+        (["--baseline", "method.name"], "--baseline: expected KEY=VALUE"),
+        (["--baseline", "method.name=olora"], "no run has config.method.name = 'olora'"),
+        (["--format", "latex"], "--format: latex is for grouped reports"),
+        (["--group-by", "--half-width", "0"], "--half-width: must be > 0"),
+    ],
+)
+def test_report_group_by_bad_input_is_one_line(sweep_rows, capsys, argv, message):
+    from orchestrator.cli import main
+
+    assert main(["report", "s", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
