@@ -37,7 +37,8 @@ def _methods(_: argparse.Namespace) -> int:
     table.add_column("description")
     for name, cls in METHODS.items():
         doc = cls.__doc__ or sys.modules[cls.__module__].__doc__ or ""
-        table.add_row(name, (doc.strip().splitlines() or [""])[0])
+        paragraph = " ".join(doc.strip().split("\n\n")[0].split())  # the docstring's first paragraph
+        table.add_row(name, paragraph.split(". ")[0].rstrip(".") + ".")  # its first sentence
     Console().print(table)
     return 0
 
