@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 
 from orchestrator.cli import main
-from tests.conftest import MICRO_RUN
+from tests.conftest import MICRO_RUN, crashed_copy
 from trainables.config import ConfigError, load_run_config
 from trainables.engine import run_sequence
 
@@ -54,11 +53,7 @@ def test_resume_mid_task_reproduces_the_uninterrupted_run(work_dir, tmp_path):
     config = load_run_config(None, [*MICRO, "checkpoint.every_steps=2", "checkpoint.num_to_keep=0"])
     full = run_sequence(config, work_dir, tmp_path / "full", log=lambda _: None)
     # Rewind a copy of the run to its checkpoint two steps into task 2, as if it had crashed there.
-    shutil.copytree(tmp_path / "full", tmp_path / "crashed")
-    for directory in (tmp_path / "crashed" / "checkpoints").iterdir():
-        if directory.name > "ckpt_t01_s000002":
-            shutil.rmtree(directory)
-    (tmp_path / "crashed" / "results.json").unlink()
+    crashed_copy(tmp_path / "full", tmp_path / "crashed", "ckpt_t01_s000002")
     messages = []
     resumed = run_sequence(config, work_dir, tmp_path / "crashed", log=messages.append)
     assert any("resuming from checkpoint ckpt_t01_s000002: task 2, step 2" in m for m in messages)

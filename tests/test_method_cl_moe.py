@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import io
 import math
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import MICRO_RUN
-from trainables.config import load_run_config
+from tests.conftest import MICRO_RUN, resume_and_compare, run_then_crash
 from trainables.config_rules import ConfigError
-from trainables.engine import run_sequence
 from trainables.methods import MethodConfig, build_method
 from trainables.methods.cl_moe import CLMoELinear
 
@@ -182,19 +179,8 @@ def test_resume_inside_task_2_reproduces_the_uninterrupted_run(micro_work_dir, t
         "method.num_experts=3",
         "method.clmoe_top_k_instance=2",
         "method.clmoe_top_k_task=1",
-        "checkpoint.every_steps=2",
-        "checkpoint.num_to_keep=0",
     ]
-    config = load_run_config(None, overrides)
-    work = micro_work_dir
-    full = run_sequence(config, work, tmp_path / "full", log=lambda _: None)
-    # Rewind a copy to its checkpoint two steps into task 2, as if the run had crashed there.
-    shutil.copytree(tmp_path / "full", tmp_path / "crashed")
-    for directory in (tmp_path / "crashed" / "checkpoints").iterdir():
-        if directory.name > "ckpt_t01_s000002":
-            shutil.rmtree(directory)
-    (tmp_path / "crashed" / "results.json").unlink()
-    checkpoints = tmp_path / "crashed" / "checkpoints"
+    config, full, checkpoints = run_then_crash(overrides, micro_work_dir, tmp_path)
     # The mid-task state holds task 2's key, its counts so far and θ^old = the model as task 1 left it.
     state = torch.load(checkpoints / "ckpt_t01_s000002" / "adapter" / "method_state.pt", weights_only=True)
     end_of_task1 = load_file(str(checkpoints / "ckpt_t01_s000000" / "adapter" / "adapter.safetensors"))
@@ -204,18 +190,7 @@ def test_resume_inside_task_2_reproduces_the_uninterrupted_run(micro_work_dir, t
     assert state["snapshot"].keys() == {k for k in end_of_task1 if ".mode_text_A" in k or ".mode_text_B" in k}
     assert all(torch.equal(state["snapshot"][k], end_of_task1[k]) for k in state["snapshot"])
 
-    messages = []
-    resumed = run_sequence(config, work, tmp_path / "crashed", log=messages.append)
-    assert any("resuming from checkpoint ckpt_t01_s000002: task 2, step 2" in m for m in messages)
-    comparable = ("task_log", "profile")
-    assert {k: v for k, v in resumed.items() if k not in comparable} == {
-        k: v for k, v in full.items() if k not in comparable
-    }
-    for name in ("ckpt_t02_s000000", "ckpt_t03_s000000"):
-        final = tmp_path / "crashed" / "checkpoints" / name / "adapter"
-        reference = tmp_path / "full" / "checkpoints" / name / "adapter"
-        for file in ("adapter.safetensors", "method_state.pt"):
-            assert (final / file).read_bytes() == (reference / file).read_bytes(), (name, file)
+    resume_and_compare(config, micro_work_dir, tmp_path, full, ("adapter.safetensors", "method_state.pt"))
     final_state = torch.load(
         tmp_path / "full" / "checkpoints" / "ckpt_t03_s000000" / "adapter" / "method_state.pt", weights_only=True
     )

@@ -4,60 +4,23 @@ from __future__ import annotations
 
 import copy
 import math
-import shutil
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import MICRO_RUN
-from trainables.config import load_run_config
-from trainables.engine import run_sequence
+from tests.conftest import (
+    MICRO_RUN,
+    padded_batch,
+    resume_and_compare,
+    run_then_crash,
+    train_steps,
+    two_task_batches,
+)
 from trainables.losses import causal_lm_logits, task_loss
-from trainables.methods import Batch, MethodConfig, build_method
+from trainables.methods import MethodConfig, build_method
 from trainables.methods.lwf import lwf_distillation
-
-
-def _batch(rows, is_generation, pad):
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    return Batch(ids, mask, torch.tensor(is_generation))
-
-
-def _task_batches(seq, pad):
-    """Task 1 answers 'three'/'one', task 2 asks about parity: the old answers must move to be forgotten."""
-    task1 = _batch(
-        [
-            seq.understanding([1, 2, 3], "what digit is this", "three"),
-            seq.understanding([4, 5], "what digit is this", "one"),
-            seq.generation("draw two", [6, 7, 8]),
-        ],
-        [False, False, True],
-        pad,
-    )
-    task2 = _batch(
-        [
-            seq.understanding([1, 2, 3], "is this even", "odd"),
-            seq.understanding([4, 5], "is this even", "even"),
-        ],
-        [False, False],
-        pad,
-    )
-    return task1, task2
-
-
-def _train(method, model, batch, steps, lr=1e-2):
-    params = list(method.trainable_parameters(model))
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    terms = {}
-    for _ in range(steps):
-        terms = method.loss_terms(model, batch)
-        optimizer.zero_grad()
-        sum(terms.values()).backward()
-        optimizer.step()
-    return terms
 
 
 def _lora(model):
@@ -71,9 +34,9 @@ def after_task1(make_model, ids, seq):
     config = MethodConfig(name="lwf", r=2, num_experts=2, dropout=0.0, lora_r=4, lwf_weight=0.5, lwf_temperature=2.0)
     method = build_method(config, ids)
     model = method.attach(make_model()).train()
-    task1, task2 = _task_batches(seq, ids.pad)
+    task1, task2 = two_task_batches(seq, ids.pad)
     method.before_task(model, 0, None)
-    terms = _train(method, model, task1, 5)
+    terms = train_steps(method, model, task1, 5)
     assert set(terms) == {"task"}  # the first task has no old model to distil from
     assert method.state_dict() == {}
     return method, model, task1, task2
@@ -85,7 +48,7 @@ def test_lwf_term_is_zero_at_the_first_step_of_task_2_and_grows_while_it_trains(
     first = method.loss_terms(model, task2)
     assert set(first) == {"task", "lwf"}
     assert first["lwf"].item() < 1e-7  # old model == new model, teacher and student without dropout
-    last = _train(method, model, task2, 6)
+    last = train_steps(method, model, task2, 6)
     assert last["lwf"].item() > 1e-4, last
     # the term is lwf_weight × the documented distillation, from one shared student forward
     with torch.no_grad():
@@ -102,7 +65,7 @@ def test_no_lwf_term_without_weight(make_model, ids, seq):
     method = build_method(MethodConfig(name="lwf", lora_r=2, dropout=0.0, lwf_weight=0.0), ids)
     model = method.attach(make_model())
     method.before_task(model, 1, None)
-    assert set(method.loss_terms(model, _task_batches(seq, ids.pad)[1])) == {"task"}
+    assert set(method.loss_terms(model, two_task_batches(seq, ids.pad)[1])) == {"task"}
 
 
 def test_old_model_stays_the_end_of_task_1_model_and_only_lora_gets_gradient(after_task1):
@@ -110,7 +73,7 @@ def test_old_model_stays_the_end_of_task_1_model_and_only_lora_gets_gradient(aft
     end_of_task1 = _lora(model)
     frozen = copy.deepcopy(model).eval()  # the old model, materialised, to check the live teacher
     method.before_task(model, 1, None)
-    _train(method, model, task2, 4)
+    train_steps(method, model, task2, 4)
     assert not all(torch.equal(p, end_of_task1[n]) for n, p in _lora(model).items())  # the student moved
     snapshot = method.state_dict()
     assert snapshot.keys() == end_of_task1.keys()
@@ -140,7 +103,7 @@ def test_distillation_equals_the_documented_formula_on_a_hand_example(ids, seq):
         seq.generation("draw", [0, 1]),  # an image answer: not distilled
         [ids.bos, what, ids.separator, ids.eos],  # answer position 2 (→ eos); then padding
     ]
-    batch = _batch(rows, [False, True, False], ids.pad)
+    batch = padded_batch(rows, [False, True, False], ids.pad)
     generator = torch.Generator().manual_seed(3)
     old = torch.randn(3, batch.input_ids.shape[1], ids.vocab_size, generator=generator) * 3
     new = torch.randn(3, batch.input_ids.shape[1], ids.vocab_size, generator=generator) * 3
@@ -169,33 +132,11 @@ def test_resume_inside_task_2_distils_from_the_same_old_model(micro_work_dir, tm
         *MICRO_RUN,
         "tasks=[parity, bigsmall, prime]",
         "method.name=lwf",
-        "checkpoint.every_steps=2",
-        "checkpoint.num_to_keep=0",
     ]
-    config = load_run_config(None, overrides)
-    work = micro_work_dir
-    full = run_sequence(config, work, tmp_path / "full", log=lambda _: None)
-    # Rewind a copy to its checkpoint two steps into task 2, as if the run had crashed there.
-    shutil.copytree(tmp_path / "full", tmp_path / "crashed")
-    for directory in (tmp_path / "crashed" / "checkpoints").iterdir():
-        if directory.name > "ckpt_t01_s000002":
-            shutil.rmtree(directory)
-    (tmp_path / "crashed" / "results.json").unlink()
-    checkpoints = tmp_path / "crashed" / "checkpoints"
+    config, full, checkpoints = run_then_crash(overrides, micro_work_dir, tmp_path)
     # The mid-task checkpoint holds the old model: the LoRA as task 1 left it.
     state = torch.load(checkpoints / "ckpt_t01_s000002" / "adapter" / "method_state.pt", weights_only=True)
     end_of_task1 = load_file(str(checkpoints / "ckpt_t01_s000000" / "adapter" / "adapter.safetensors"))
     assert state.keys() == end_of_task1.keys()
     assert all(torch.equal(state[k], end_of_task1[k]) for k in state)
-    messages = []
-    resumed = run_sequence(config, work, tmp_path / "crashed", log=messages.append)
-    assert any("resuming from checkpoint ckpt_t01_s000002: task 2, step 2" in m for m in messages)
-    comparable = ("task_log", "profile")
-    assert {k: v for k, v in resumed.items() if k not in comparable} == {
-        k: v for k, v in full.items() if k not in comparable
-    }
-    for name in ("ckpt_t02_s000000", "ckpt_t03_s000000"):
-        final = tmp_path / "crashed" / "checkpoints" / name / "adapter"
-        reference = tmp_path / "full" / "checkpoints" / name / "adapter"
-        for file in ("adapter.safetensors", "method_state.pt"):
-            assert (final / file).read_bytes() == (reference / file).read_bytes(), (name, file)
+    resume_and_compare(config, micro_work_dir, tmp_path, full, ("adapter.safetensors", "method_state.pt"))

@@ -2,57 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import MICRO_RUN
+from tests.conftest import MICRO_RUN, resume_and_compare, run_then_crash, train_steps, two_task_batches
 from trainables.adapter_io import AdapterMismatchError
 from trainables.benchmarks.digits.tiny import TINY_SHAPE, build_tiny_chameleon
-from trainables.config import load_run_config
-from trainables.engine import run_sequence
 from trainables.losses import causal_lm_logits
-from trainables.methods import Batch, MethodConfig, build_method
+from trainables.methods import MethodConfig, build_method
 from trainables.methods.olora import l2_penalty, olora_layers, orthogonality_loss
-
-
-def _batch(rows, is_generation, pad):
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    return Batch(ids, mask, torch.tensor(is_generation))
-
-
-def _task_batches(seq, pad):
-    task1 = _batch(
-        [
-            seq.understanding([1, 2, 3], "what digit is this", "three"),
-            seq.understanding([4, 5], "what digit is this", "one"),
-            seq.generation("draw two", [6, 7, 8]),
-        ],
-        [False, False, True],
-        pad,
-    )
-    task2 = _batch(
-        [seq.understanding([1, 2, 3], "is this even", "odd"), seq.understanding([4, 5], "is this even", "even")],
-        [False, False],
-        pad,
-    )
-    return task1, task2
-
-
-def _train(method, model, batch, steps, lr=1e-2):
-    params = list(method.trainable_parameters(model))
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    terms = {}
-    for _ in range(steps):
-        terms = method.loss_terms(model, batch)
-        optimizer.zero_grad()
-        sum(terms.values()).backward()
-        optimizer.step()
-    return terms
 
 
 def _pairs(model, task):
@@ -72,9 +31,9 @@ def test_task_1_lora_is_frozen_while_task_2_trains(make_model, ids, seq):
     torch.manual_seed(0)
     method = _olora(ids)
     model = method.attach(make_model()).train()
-    task1, task2 = _task_batches(seq, ids.pad)
+    task1, task2 = two_task_batches(seq, ids.pad)
     method.before_task(model, 0, None)
-    assert set(_train(method, model, task1, 4)) == {"task"}  # no earlier subspace on the first task
+    assert set(train_steps(method, model, task1, 4)) == {"task"}  # no earlier subspace on the first task
     end_of_task1 = {n: p.detach().clone() for n, p in _pairs(model, 0).items()}
     assert all(p.abs().sum() > 0 for n, p in end_of_task1.items() if n.endswith(".B"))  # task 1 was learned
 
@@ -83,7 +42,7 @@ def test_task_1_lora_is_frozen_while_task_2_trains(make_model, ids, seq):
     assert {id(p) for p in trainable} == {id(p) for p in _pairs(model, 1).values()}
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in trainable}
     start_of_task2 = {n: p.detach().clone() for n, p in _pairs(model, 1).items()}
-    terms = _train(method, model, task2, 5)
+    terms = train_steps(method, model, task2, 5)
     assert set(terms) == {"task", "orth"} and terms["orth"].item() > 0
 
     for name, parameter in _pairs(model, 0).items():
@@ -157,18 +116,18 @@ def test_orthogonality_and_l2_terms_equal_the_formula_on_a_hand_example(make_mod
 
     assert orthogonality_loss(model).item() == expected_orth
     assert l2_penalty(model).item() == expected_l2
-    terms = method.loss_terms(model, _task_batches(seq, ids.pad)[1])
+    terms = method.loss_terms(model, two_task_batches(seq, ids.pad)[1])
     assert set(terms) == {"task", "orth", "l2"}
     assert terms["orth"].item() == 0.5 * expected_orth and terms["l2"].item() == 0.25 * expected_l2
 
     # No orthogonality term on the first task, nor without its weight; no L2 term without its weight.
     method.before_task(model, 0, None)
     assert orthogonality_loss(model).item() == 0
-    assert set(method.loss_terms(model, _task_batches(seq, ids.pad)[1])) == {"task", "l2"}
+    assert set(method.loss_terms(model, two_task_batches(seq, ids.pad)[1])) == {"task", "l2"}
     unweighted = _olora(ids, olora_weight=0.0)
     other = unweighted.attach(make_model())
     unweighted.before_task(other, 1, None)
-    assert set(unweighted.loss_terms(other, _task_batches(seq, ids.pad)[1])) == {"task"}
+    assert set(unweighted.loss_terms(other, two_task_batches(seq, ids.pad)[1])) == {"task"}
 
 
 def test_outputs_equal_the_base_model_before_training_and_under_the_teacher_after(make_model, ids, seq):
@@ -176,16 +135,16 @@ def test_outputs_equal_the_base_model_before_training_and_under_the_teacher_afte
     base = make_model().eval()
     method = _olora(ids)
     model = method.attach(make_model()).eval()
-    task1, task2 = _task_batches(seq, ids.pad)
+    task1, task2 = two_task_batches(seq, ids.pad)
     with torch.no_grad():
         reference = causal_lm_logits(base, task2.input_ids, task2.attention_mask)
         assert torch.equal(causal_lm_logits(model, task2.input_ids, task2.attention_mask), reference)
 
     model.train()
     method.before_task(model, 0, None)
-    _train(method, model, task1, 3)
+    train_steps(method, model, task1, 3)
     method.before_task(model, 1, None)
-    _train(method, model, task2, 3)
+    train_steps(method, model, task2, 3)
     model.eval()
     with torch.no_grad():
         adapted = causal_lm_logits(model, task2.input_ids, task2.attention_mask)
@@ -199,11 +158,11 @@ def test_save_and_load_restore_every_task_and_the_current_one(make_model, ids, s
     torch.manual_seed(0)
     method = _olora(ids)
     model = method.attach(make_model())
-    task1, task2 = _task_batches(seq, ids.pad)
+    task1, task2 = two_task_batches(seq, ids.pad)
     method.before_task(model, 0, None)
-    _train(method, model, task1, 2)
+    train_steps(method, model, task1, 2)
     method.before_task(model, 2, None)
-    _train(method, model, task2, 2)
+    train_steps(method, model, task2, 2)
     method.save(model, tmp_path / "adapter")
 
     loaded = _olora(ids)
@@ -231,33 +190,13 @@ def test_resume_inside_task_2_reproduces_the_uninterrupted_run(micro_work_dir, t
         *MICRO_RUN,
         "tasks=[parity, bigsmall, prime]",
         "method.name=olora",
-        "checkpoint.every_steps=2",
-        "checkpoint.num_to_keep=0",
     ]
-    config = load_run_config(None, overrides)
-    work = micro_work_dir
-    full = run_sequence(config, work, tmp_path / "full", log=lambda _: None)
-    # Rewind a copy to its checkpoint two steps into task 2, as if the run had crashed there.
-    shutil.copytree(tmp_path / "full", tmp_path / "crashed")
-    for directory in (tmp_path / "crashed" / "checkpoints").iterdir():
-        if directory.name > "ckpt_t01_s000002":
-            shutil.rmtree(directory)
-    (tmp_path / "crashed" / "results.json").unlink()
-    checkpoints = tmp_path / "crashed" / "checkpoints"
+    config, full, checkpoints = run_then_crash(overrides, micro_work_dir, tmp_path)
     state = torch.load(checkpoints / "ckpt_t01_s000002" / "adapter" / "method_state.pt", weights_only=True)
     assert state == {"current_task": 1}
-    messages = []
-    resumed = run_sequence(config, work, tmp_path / "crashed", log=messages.append)
-    assert any("resuming from checkpoint ckpt_t01_s000002: task 2, step 2" in m for m in messages)
-    comparable = ("task_log", "profile")
-    assert {k: v for k, v in resumed.items() if k not in comparable} == {
-        k: v for k, v in full.items() if k not in comparable
-    }
-    for name in ("ckpt_t02_s000000", "ckpt_t03_s000000"):
-        final = tmp_path / "crashed" / "checkpoints" / name / "adapter"
-        reference = tmp_path / "full" / "checkpoints" / name / "adapter"
-        for file in ("adapter.safetensors", "adapter_config.json", "method_state.pt"):
-            assert (final / file).read_bytes() == (reference / file).read_bytes(), (name, file)
+    resume_and_compare(
+        config, micro_work_dir, tmp_path, full, ("adapter.safetensors", "adapter_config.json", "method_state.pt")
+    )
 
     # Each task trained its own pair and left the earlier ones as they were.
     stages = [

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
-from tests.conftest import MICRO_RUN
+from tests.conftest import MICRO_RUN, crashed_copy
 from trainables.config import load_run_config
 from trainables.engine import run_sequence
 from trainables.methods import METHODS, Batch, MethodConfig, StreamBatch, build_method
@@ -83,11 +81,7 @@ def test_method_resumes_inside_a_task_bit_for_bit(name, micro_work_dir, tmp_path
     overrides = [*MICRO_RUN, f"method.name={name}", "checkpoint.every_steps=1", "checkpoint.num_to_keep=0"]
     config = load_run_config(None, overrides)
     full = run_sequence(config, micro_work_dir, tmp_path / "full", log=lambda _: None)
-    shutil.copytree(tmp_path / "full", tmp_path / "crashed")
-    for directory in (tmp_path / "crashed" / "checkpoints").iterdir():
-        if directory.name > "ckpt_t01_s000002":
-            shutil.rmtree(directory)
-    (tmp_path / "crashed" / "results.json").unlink()
+    crashed_copy(tmp_path / "full", tmp_path / "crashed", "ckpt_t01_s000002")
     messages: list[str] = []
     resumed = run_sequence(config, micro_work_dir, tmp_path / "crashed", log=messages.append)
     assert any("resuming from checkpoint ckpt_t01_s000002: task 2, step 2" in m for m in messages)
@@ -118,3 +112,13 @@ def test_the_ray_train_matrix_covers_every_method_family():
     covered = set().union(*(families(METHODS[name]) for name in DDP_METHODS))
     for name, cls in METHODS.items():
         assert families(cls) & covered, f"{name}: add it to tests/test_ray_train.py DDP_METHODS"
+
+
+def test_seq_lora_matched_rank_is_capped_at_the_narrowest_layer(make_model, ids):
+    from trainables.methods.seq_lora import mode_matched_rank
+
+    config = MethodConfig(name="seq_lora", r=8, num_experts=4)
+    assert mode_matched_rank(config, [(128, 344), (128, 344), (344, 128)]) == 42
+    # (E+1)·r = 40 plus the router's share would be 42 on these widths, above the narrowest (32)
+    assert mode_matched_rank(config, [(32, 64), (32, 64), (64, 32)]) == 32
+    load_run_config(None, [*MICRO_RUN, "method=seq_lora"])  # defaults r 8 × 4 experts on a 32-wide model: fine

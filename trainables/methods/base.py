@@ -18,7 +18,7 @@ task). ``teacher(model)`` is a context in which the model computes the frozen ba
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -131,6 +131,19 @@ class MethodConfig:
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
         return data
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode (no dropout) for the duration; each module's own flag restored after
+    (``model.train()`` afterwards would also switch on modules that were deliberately in eval)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 class Method:

@@ -77,8 +77,6 @@ rank (no communication); the counts, summed per rank's shard, are all-reduced in
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +86,7 @@ from torch import nn
 
 from trainables.batching import Batch, to_device
 from trainables.losses import causal_lm_logits
-from trainables.methods.base import MethodConfig, MoDEFamily
+from trainables.methods.base import MethodConfig, MoDEFamily, eval_mode
 from trainables.methods.registry import register_method
 from trainables.mode import MoDEConfig, mode_layers
 from trainables.mode.layer import MoDELinear
@@ -220,17 +218,6 @@ class CLMoELinear(MoDELinear):
             self.instance_counts += torch.bincount(chosen[mask].flatten(), minlength=self.config.num_experts)
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 @register_method
 class CLMoE(MoDEFamily):
     """CL-MoE: LoRA experts on every token, gated by an instance-level and a task-level router, and
@@ -306,7 +293,7 @@ class CLMoE(MoDEFamily):
         handles = [layer.register_forward_pre_hook(add_input(name)) for name, layer in self.layers]
         size = run.config.train.batch_size
         try:
-            with run.timer("clmoe_keys"), torch.no_grad(), _eval_mode(model):
+            with run.timer("clmoe_keys"), torch.no_grad(), eval_mode(model):
                 for start in range(0, len(picks), size):
                     batch = to_device(samples.batch(picks[start : start + size]), run.device)
                     mask_now[:] = [batch.attention_mask.double()]

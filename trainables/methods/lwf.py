@@ -53,8 +53,6 @@ whole training set — the same targets (the old model is frozen), without a per
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -70,7 +68,7 @@ from trainables.losses import (
     restrict_logits,
     shifted_cross_entropy,
 )
-from trainables.methods.base import MethodConfig
+from trainables.methods.base import MethodConfig, eval_mode
 from trainables.methods.registry import register_method
 from trainables.methods.seq_lora import SeqLoRA
 from trainables.run_context import RunContext
@@ -117,18 +115,6 @@ class _Logits(nn.Module):
         return causal_lm_logits(self.inner, input_ids, attention_mask)
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode (no dropout) for the duration; each module's own flag restored after."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 @register_method
 class LwF(SeqLoRA):
     """Learning without Forgetting on one shared LoRA: the task loss plus ``lwf_weight`` × T²·KL from
@@ -160,7 +146,7 @@ class LwF(SeqLoRA):
             differ = sorted(current.keys() ^ self._snapshot.keys())
             raise ValueError(f"lwf snapshot does not match the model's LoRA parameters, e.g. {differ[:3]}")
         swapped = {f"inner.{name}": self._snapshot[name].to(p.device, p.dtype) for name, p in current.items()}
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             return torch.func.functional_call(_Logits(model), swapped, (input_ids, mask))
 
     def loss_terms(self, model: nn.Module, batch: Batch, **extra: Any) -> dict[str, torch.Tensor]:

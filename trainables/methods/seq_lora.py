@@ -22,14 +22,17 @@ def mode_matched_rank(config: MethodConfig, linears: Iterable[tuple[int, int]]) 
 
         R = round( Σ_l [(E + 1)·r·(in_l + out_l) + E·in_l] / Σ_l (in_l + out_l) ),
 
-    within ½·Σ(in + out) parameters of MoDE's count (0.7 % on the default tiny model: R = 42).
+    within ½·Σ(in + out) parameters of MoDE's count (0.7 % on the default tiny model: R = 42), and
+    at most the narrowest layer's min(in, out): a larger rank adds parameters, not capacity (then the
+    counts no longer match; only on models narrower than MoDE's summed ranks).
     """
     linears = list(linears)
     if not linears:
         raise ValueError(f"no linear layer named {list(config.target_modules)} to attach LoRA to")
     experts, r = config.num_experts, config.r
     mode = sum((experts + 1) * r * (n_in + n_out) + experts * n_in for n_in, n_out in linears)
-    return max(1, round(mode / sum(n_in + n_out for n_in, n_out in linears)))
+    matched = round(mode / sum(n_in + n_out for n_in, n_out in linears))
+    return max(1, min(matched, *(min(n_in, n_out) for n_in, n_out in linears)))
 
 
 def targeted_linears(model: nn.Module, target_modules: Iterable[str]) -> list[tuple[int, int]]:
@@ -64,9 +67,11 @@ class SeqLoRA(Method):
 
     @classmethod
     def adapter_factors(cls, config: MethodConfig) -> list[tuple[str, int]]:
-        # Before the model exists: the matched rank is at most (E + 1)·r + E (the router's share is
-        # E·Σin/Σ(in + out) < E), an upper bound for the width and memory checks.
-        return [("method.lora_r", config.lora_r or (config.num_experts + 1) * config.r + config.num_experts)]
+        if config.lora_r is not None:
+            return [("method.lora_r", config.lora_r)]
+        # Matched to MoDE: checked as MoDE's own factors (same parameter count for the memory
+        # estimate; the rank itself is capped at the layer widths when it is computed).
+        return [("method.r", config.r)] * (config.num_experts + 1)
 
     def _adapter_config(self) -> dict:
         return {
