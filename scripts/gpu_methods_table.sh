@@ -7,6 +7,9 @@
 # First a micro run of seq_lora and mode on the GPU, so a broken environment fails in seconds.
 # Results go to $OUT/table (all_results.jsonl, summary.md): runs finished before SECONDS_LEFT are
 # kept, and the same call on the same $OUT continues with the others.
+# WHEELS=dir installs the wheels in dir into a private site folder first (for a machine whose
+# transformers is older than pyproject.toml's pin: before 5.24 the KV cache is ignored and decoding
+# refuses to run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEFAULT_PYTHON=python3
@@ -15,6 +18,10 @@ PYTHON=${PYTHON:-$DEFAULT_PYTHON}
 OUT=${OUT:-gpu_methods_out}
 WORK_DIR=${WORK_DIR:-mode-cl-work}
 mkdir -p "$OUT/table"
+if [[ -n "${WHEELS:-}" ]]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mode-cl-site "$WHEELS"/*.whl
+  export PYTHONPATH="/tmp/mode-cl-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"; } | tee "$OUT/gpu.txt"
 "$PYTHON" - <<'PY'
