@@ -76,3 +76,12 @@ def test_seq_lora_round_trip_and_rank_mismatch(make_model, ids, seq, tmp_path):
     other = build_method(MethodConfig(name="seq_lora", lora_r=2), ids)
     with pytest.raises(AdapterMismatchError, match=f"r: stored {method.rank} vs model 2"):
         other.load(other.attach(make_model()), tmp_path)
+
+
+def test_base_model_loads_without_hub_kernels(make_model, tmp_path):
+    """Loading must not swap in layer kernels from the Hub (transformers ≥ 5.25 does by default on
+    CUDA): runs stay offline and their numerics are the ones we test."""
+    from trainables.benchmarks.digits.base_model import load_base
+
+    make_model().save_pretrained(tmp_path)
+    assert load_base(tmp_path).use_kernels is False

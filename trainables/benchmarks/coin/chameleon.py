@@ -232,7 +232,7 @@ def load_chameleon(
     if not config.vocabulary_map:
         raise ModelSourceError(f"{field}: {source} has no vocabulary_map in its config; MoDE needs it for routing")
     model = ChameleonForConditionalGeneration.from_pretrained(
-        directory, dtype=DTYPES[dtype], attn_implementation=attn_implementation
+        directory, dtype=DTYPES[dtype], attn_implementation=attn_implementation, use_kernels=False
     )
     for parameter in model.parameters():
         parameter.requires_grad_(False)

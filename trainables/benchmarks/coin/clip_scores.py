@@ -94,7 +94,12 @@ class ClipScorer:
 
         self.source, self.device, self.batch_size = source, torch.device(device), batch_size
         try:
-            self.model = CLIPModel.from_pretrained(source, local_files_only=True).float().to(self.device).eval()
+            self.model = (
+                CLIPModel.from_pretrained(source, local_files_only=True, use_kernels=False)
+                .float()
+                .to(self.device)
+                .eval()
+            )
             self.processor = CLIPProcessor.from_pretrained(source, local_files_only=True)
         except (OSError, ValueError) as error:
             reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__

@@ -112,7 +112,9 @@ def pretrain_base(
 
 
 def load_base(directory: Path) -> ChameleonForConditionalGeneration:
-    return ChameleonForConditionalGeneration.from_pretrained(directory).eval()
+    # use_kernels=False: from transformers 5.25 on, loading defaults to swapping in layer kernels
+    # downloaded from the Hub when on CUDA (network, code we did not pin, other numerics).
+    return ChameleonForConditionalGeneration.from_pretrained(directory, use_kernels=False).eval()
 
 
 # A few-MB model loads in milliseconds: transformers' per-shard progress bars are only noise here.
