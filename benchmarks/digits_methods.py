@@ -10,11 +10,14 @@ seed by seed (every method of a seed before the next seed). Each seed has its ow
 base model (built first, once per seed). Each finished run is appended to ``all_results.jsonl`` in
 ``--out`` at once, and runs already there are not run again: an interrupted benchmark continues
 where it stopped, and ``--summarize`` tables whatever has finished. ``--set`` overrides config
-fields of every run (as ``mode-cl run --set``). Prints and writes ``summary.md``:
+fields of every run (as ``mode-cl run --set``). Writes the runs asked for (without per-step losses)
+to ``table.jsonl`` and prints and writes ``summary.md``, the table ``mode-cl report table.jsonl
+--group-by method.name --baseline method.name=mode`` gives:
 
 - per method, the mean and the 95 % confidence interval (Student t over the seed × order runs) of
   understanding accuracy, forgetting, retention, open-vocabulary accuracy, generation accuracy,
-  gen FD and inter-modal forgetting; a zero-shot row from the base model's stage-0 scores;
+  gen FD, inter-modal forgetting and engine seconds; a zero-shot row from the base model's stage-0
+  scores;
 - paired differences of each other method minus ``--reference`` (default ``mode``), over runs with
   the same seed and task order, with their 95 % t interval.
 """
@@ -27,18 +30,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = (
-    ("avg_acc", "understanding acc ↑"),
-    ("forgetting", "forgetting ↓"),
-    ("retention", "retention ↑"),
-    ("open_avg_acc", "open-vocab acc ↑"),
-    ("gen_acc_final", "gen acc ↑"),
-    ("gen_fd_final", "gen FD ↓"),
-    ("inter_modal_forgetting", "inter-modal forgetting ↓"),
-)
 
 
 def _config(method: str, seed: int, order: list[str], settings: tuple[str, ...] = ()):
@@ -58,12 +50,6 @@ def _one(job: tuple[str, int, tuple[str, ...], str, str, tuple[str, ...]]) -> di
     result["order"] = list(order)
     result["gen_acc_final"], result["gen_fd_final"] = result["gen_acc"][-1], result["gen_fd"][-1]
     return result
-
-
-def _cell(values: list[float]) -> str:
-    from orchestrator.aggregate import t_interval
-
-    return t_interval(values).text()
 
 
 def main() -> None:
@@ -121,48 +107,25 @@ def main() -> None:
     if not results:
         raise SystemExit(f"no finished runs in {record}")
     devices = sorted({r["config"]["resources"].get("use_gpu", False) for r in results})
-
     counts = sorted({sum(r["method"] == m for r in results) for m in args.methods})
-    lines = [
+    header = (
         f"digits, search_spaces/digits.yaml, seeds {sorted({r['seed'] for r in results})} × orders "
-        f"{[' → '.join(o) for o in orders]}; runs per method {counts}; mean ± 95 % CI (Student t over "
-        f"runs); this invocation's wall {wall:.0f} s, {args.jobs} in parallel; use_gpu {devices}"
-        + (f"; overrides {' '.join(settings)}" if settings else ""),
-        "",
-        "| method | " + " | ".join(label for _, label in METRICS) + " | engine s/run |",
-        "|---|" + "---|" * (len(METRICS) + 1),
-    ]
-    base_rows = {(r["seed"], tuple(r["order"])): r for r in results}  # the base model's stage 0, once per run
-    zero_shot = [float(np.mean(r["acc_matrix"][0])) for r in base_rows.values()]
-    zero_open = [float(np.mean(r["open_acc_matrix"][0])) for r in base_rows.values()]
-    zero_gen = [r["gen_acc"][0] for r in base_rows.values()]
-    zero_fd = [r["gen_fd"][0] for r in base_rows.values()]
-    zero = [_cell(zero_shot), "—", "—", _cell(zero_open), _cell(zero_gen), _cell(zero_fd), "—", "—"]
-    lines.append("| zero-shot (base) | " + " | ".join(zero) + " |")
-    for method in args.methods:
-        mine = [r for r in results if r["method"] == method]
-        if not mine:
-            continue
-        cells = [_cell([r[key] for r in mine if r[key] is not None]) for key, _ in METRICS]
-        seconds = np.mean([r["profile"]["seconds"]["total"] for r in mine])
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds:.0f} |")
-    if args.reference in args.methods:
-        from orchestrator.aggregate import paired_differences
+        f"{[' → '.join(o) for o in orders]}; runs per method {counts}; this invocation's wall {wall:.0f} s, "
+        f"{args.jobs} in parallel; use_gpu {devices}" + (f"; overrides {' '.join(settings)}" if settings else "")
+    )
+    # The table is `mode-cl report`'s, over exactly the runs asked for now (without per-step losses).
+    table = out / "table.jsonl"
+    table.write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k not in ("losses", "task_log")}) + "\n" for r in results)
+    )
+    from orchestrator.report import report_groups
 
-        lines += ["", f"paired differences method − {args.reference} (same seed and order), mean ± 95 % CI:", ""]
-        lines += ["| method | n | " + " | ".join(label for _, label in METRICS) + " |"]
-        lines += ["|---|" + "---|" * (len(METRICS) + 1)]
-        rows = [{**r, "order": tuple(r["order"])} for r in results]
-        metrics = [key for key, _ in METRICS]
-        for (method,), intervals in paired_differences(
-            rows, ["method"], ("method", args.reference), ["seed", "order"], metrics
-        ):
-            n = max(interval.n for interval in intervals.values())
-            if n:
-                lines.append(f"| {method} | {n} | " + " | ".join(intervals[m].text() for m in metrics) + " |")
-    text = "\n".join(lines)
-    print(text)
-    (out / "summary.md").write_text(text + "\n")
+    print(header)
+    baseline = f"method.name={args.reference}" if args.reference in args.methods else None
+    report_groups(table, ["method.name"], baseline, None, "markdown", str(out / "summary.md"))
+    (out / "summary.md").write_text(header + "\n\n" + (out / "summary.md").read_text())
+    print((out / "summary.md").read_text())
+    print(f"mode-cl report {table} --group-by method.name" + (f" --baseline {baseline}" if baseline else ""))
 
 
 if __name__ == "__main__":

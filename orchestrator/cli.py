@@ -171,11 +171,12 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from orchestrator.report import GROUPED_FORMATS, report_groups, report_trials
+    from orchestrator.report import GROUPED_FORMATS, is_results_collection, report_groups, report_trials
     from orchestrator.sweep_store import find_sweep
     from trainables.config_rules import ConfigError
 
-    grouping = args.group_by is not None or args.baseline is not None or args.half_width is not None
+    collection = not args.cluster and is_results_collection(args.sweep)  # runs' results, always grouped
+    grouping = collection or args.group_by is not None or args.baseline is not None or args.half_width is not None
     if args.format in set(GROUPED_FORMATS) - {"table", "json", "parquet"} and not grouping:
         raise ConfigError("--format", f"{args.format} is for grouped reports; add --group-by")
     if args.half_width is not None and not args.half_width > 0:
@@ -186,7 +187,7 @@ def _report(args: argparse.Namespace) -> int:
         from orchestrator.cluster import load_cluster, report_on_cluster
 
         return report_on_cluster(load_cluster(args.cluster), args.sweep, args.format)
-    directory = find_sweep(args.sweep, _storage(args))
+    directory = args.sweep if collection else find_sweep(args.sweep, _storage(args))
     if grouping:
         return report_groups(directory, args.group_by or [], args.baseline, args.half_width, args.format, args.output)
     return report_trials(directory, args.format, args.output)
@@ -314,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_arguments(resume)
     resume.set_defaults(func=_resume)
     report = commands.add_parser("report", help="every trial of a sweep: config, final metrics, status")
-    report.add_argument("sweep", help="sweep name or directory")
+    report.add_argument(
+        "sweep", help="sweep name or directory, or a results collection (a .jsonl of results, a folder of results.json)"
+    )
     report.add_argument("--format", choices=("table", "markdown", "latex", "csv", "json", "parquet"), default="table")
     report.add_argument("--output", help="write here (parquet default: <sweep dir>/trials.parquet or groups.parquet)")
     report.add_argument(

@@ -149,6 +149,77 @@ def print_collection(directory, result, work_dir, dry_run: bool) -> None:
 
 
 GROUPED_FORMATS = ("table", "markdown", "latex", "csv", "json", "parquet")
+ZERO_SHOT = "zero-shot"  # the method-less base model's group in a results collection
+
+
+def is_results_collection(path) -> bool:
+    """A JSON-lines file of ``results.json`` records (``benchmarks/digits_methods.py`` writes one)
+    or a folder holding ``results.json`` files (``mode-cl run --no-ray`` outputs), not a sweep."""
+    from pathlib import Path
+
+    path = Path(path)
+    return (path.suffix == ".jsonl" and path.is_file()) or (
+        path.is_dir() and next(path.rglob("results.json"), None) is not None
+    )
+
+
+def result_rows(path) -> list[dict[str, Any]]:
+    """Rows shaped like a sweep's trial table from a results collection: every config field whose
+    value differs between runs becomes a ``config.<field>`` column (seed and tasks always, since
+    runs are paired on them), and each run's summary metrics its last stage's values (``gen_acc``
+    and ``gen_fd`` are per-stage lists in ``results.json``). When runs differ in ``method.name``,
+    each (seed, tasks) also gives one ``zero-shot`` row: the base model's stage 0 (understanding
+    and generation before any training), as the paper's zero-shot row."""
+    import json
+    from pathlib import Path
+
+    from trainables.config_rules import ConfigError
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            results = [json.loads(f.read_text()) for f in sorted(path.rglob("results.json"))]
+        else:
+            results = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(str(path), f"not a results collection: {type(error).__name__}: {error}") from None
+    if not results or not all(isinstance(r, dict) and "config" in r and "acc_matrix" in r for r in results):
+        raise ConfigError(str(path), "no results.json records (with config and acc_matrix) in it")
+    flat = [_flatten(r["config"]) for r in results]
+    varying = [k for k in dict.fromkeys(k for f in flat for k in f) if len({repr(f.get(k)) for f in flat}) > 1]
+    keys = list(dict.fromkeys(["seed", "tasks", *varying]))
+    rows, bases = [], {}
+    for result, config in zip(results, flat, strict=True):
+        row: dict[str, Any] = {"status": "TERMINATED"}
+        row |= {f"config.{k}": (",".join(v) if isinstance(v, list) else v) for k, v in config.items() if k in keys}
+        for metric in ("avg_acc", "forgetting", "retention", "bwt", "open_avg_acc", "inter_modal_forgetting"):
+            row[metric] = result.get(metric)
+        for metric in ("gen_acc", "gen_fd"):
+            row[metric] = result[metric][-1] if result.get(metric) else None
+        row["engine_seconds"] = result.get("profile", {}).get("seconds", {}).get("total")
+        rows.append(row)
+        if "method.name" in varying:
+            base = {
+                k: (ZERO_SHOT if k == "config.method.name" else v) for k, v in row.items() if k.startswith("config.")
+            }
+            base["status"] = "TERMINATED"
+            base["avg_acc"] = sum(result["acc_matrix"][0]) / len(result["acc_matrix"][0])
+            if result.get("open_acc_matrix"):
+                base["open_avg_acc"] = sum(result["open_acc_matrix"][0]) / len(result["open_acc_matrix"][0])
+            for metric in ("gen_acc", "gen_fd"):
+                base[metric] = result[metric][0] if result.get(metric) else None
+            bases.setdefault((row.get("config.seed"), row.get("config.tasks")), base)
+    return [*bases.values(), *rows]
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def report_groups(
@@ -174,7 +245,8 @@ def report_groups(
     from orchestrator.sweep import trial_table
     from trainables.config_rules import ConfigError
 
-    rows = [r for r in trial_table(Path(directory)) if r.get("status") == "TERMINATED"]
+    source = result_rows(directory) if is_results_collection(directory) else trial_table(Path(directory))
+    rows = [r for r in source if r.get("status") == "TERMINATED"]
     if not rows:
         raise ConfigError(str(directory), "no finished trial to group")
     swept = [k for k in rows[0] if k.startswith("config.")]
@@ -196,7 +268,7 @@ def report_groups(
         if reference[0] not in keys:
             keys.append(reference[0])
     pair_on = [k for k in ("config.seed", "config.tasks") if k in swept and k not in keys]
-    metrics = [m for m in SUMMARY_METRICS if any(r.get(m) is not None for r in rows)]
+    metrics = [m for m in (*SUMMARY_METRICS, "engine_seconds") if any(r.get(m) is not None for r in rows)]
     try:
         records = grouped_table(rows, keys, metrics, reference, pair_on, half_width)
     except ValueError as error:
@@ -218,7 +290,8 @@ def report_groups(
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            target = Path(output) if output else Path(directory) / "groups.parquet"
+            folder = Path(directory) if Path(directory).is_dir() else Path(directory).parent
+            target = Path(output) if output else folder / "groups.parquet"
             pq.write_table(pa.Table.from_pylist(records), target)
             print(f"wrote {len(records)} groups to {target}")
             return 0

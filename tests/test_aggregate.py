@@ -128,3 +128,76 @@ def test_report_group_by_bad_input_is_one_line(sweep_rows, capsys, argv, message
     assert main(["report", "s", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def _result(method: str, seed: int, stage0: list[float], final: list[float], forgetting: float) -> dict:
+    """A results.json record as the engine writes it, cut to what a report reads."""
+    config = {"seed": seed, "tasks": ["a", "b"], "method": {"name": method, "r": 8}, "data": {"seed": seed}}
+    return {
+        "config": config,
+        "acc_matrix": [stage0, [0.9, stage0[1]], final],
+        "open_acc_matrix": [stage0, [0.9, stage0[1]], final],
+        "avg_acc": sum(final) / 2,
+        "forgetting": forgetting,
+        "open_avg_acc": sum(final) / 2,
+        "gen_acc": [0.9, 0.8, 0.7 if method == "mode" else 0.1],
+        "gen_fd": [1.0, 2.0, 3.0],
+        "profile": {"seconds": {"total": 10.0}},
+    }
+
+
+def test_report_reads_a_results_collection_with_a_zero_shot_row(tmp_path, capsys):
+    import json
+
+    from orchestrator.cli import main
+
+    runs = [
+        _result("mode", 0, [0.5, 0.4], [0.6, 0.8], 0.3),
+        _result("mode", 1, [0.3, 0.4], [0.8, 0.8], 0.1),
+        _result("seq_lora", 0, [0.5, 0.4], [0.5, 0.9], 0.4),
+        _result("seq_lora", 1, [0.3, 0.4], [0.5, 0.9], 0.4),
+    ]
+    collection = tmp_path / "runs.jsonl"
+    collection.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    argv = [
+        "report",
+        str(collection),
+        "--group-by",
+        "method.name",
+        "--baseline",
+        "method.name=mode",
+        "--format",
+        "json",
+    ]
+    assert main(argv) == 0
+    records = {(r["kind"], r["config.method.name"]): r for r in json.loads(capsys.readouterr().out)}
+    # zero-shot: stage 0 of each seed once: avg acc (0.45 + 0.35) / 2 = 0.4; gen acc 0.9; no forgetting
+    zero = records[("group", "zero-shot")]
+    assert zero["avg_acc"] == pytest.approx(0.4) and zero["gen_acc"] == pytest.approx(0.9)
+    assert zero["forgetting_n"] == 0
+    # mode: avg acc 0.7 and 0.8 → 0.75; last-stage gen acc 0.7; seq_lora − mode: 0.7 − 0.75 = −0.05
+    assert records[("group", "mode")]["avg_acc"] == pytest.approx(0.75)
+    assert records[("group", "mode")]["gen_acc"] == pytest.approx(0.7)
+    assert records[("difference", "seq_lora")]["avg_acc"] == pytest.approx(-0.05)
+    assert records[("difference", "seq_lora")]["forgetting"] == pytest.approx(0.2)
+    assert records[("difference", "seq_lora")]["gen_acc_n"] == 2
+    # a folder of results.json files reads the same; varying keys only (data.seed follows seed)
+    for i, run in enumerate(runs):
+        (tmp_path / "out" / f"run{i}").mkdir(parents=True)
+        (tmp_path / "out" / f"run{i}" / "results.json").write_text(json.dumps(run))
+    assert main(["report", str(tmp_path / "out"), "--group-by", "method.r"]) == 2
+    assert "'method.r' is not a swept key" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "out"), "--group-by", "method.name", "--format", "csv"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4  # header, zero-shot, mode, seq_lora
+
+
+@pytest.mark.parametrize(
+    ("text", "message"), [("{not json\n", "not a results collection"), ("{}\n", "no results.json")]
+)
+def test_report_of_a_bad_results_collection_is_one_line(tmp_path, capsys, text, message):
+    from orchestrator.cli import main
+
+    (tmp_path / "runs.jsonl").write_text(text)
+    assert main(["report", str(tmp_path / "runs.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
