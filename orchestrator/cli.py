@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
+from orchestrator import stopping
 from trainables import __version__
 from trainables.errors import UserError
 
@@ -380,53 +378,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from orchestrator.ray_runtime import prefer_loopback
 
         prefer_loopback()  # a Ray this command starts listens on loopback only
-    previous = stop_on_signals()
-    _stopped_by.clear()
+    previous = stopping.install()  # SIGTERM, SIGINT and SIGHUP stop the command: orchestrator/stopping.py
     try:
         code = args.func(args)
     except UserError as error:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"mode-cl: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP: what this command started is stopped by now
-        _stopped_by.append(_stopped_by[-1] if _stopped_by else signal.SIGINT)
+    except KeyboardInterrupt:  # a stopping signal: what this command started is stopped by now
+        stopping.stopped_by.append(stopping.received() or signal.SIGINT)
         code = 0
     finally:
-        for stopping, handler in previous.items():
-            signal.signal(stopping, handler if handler is not None else signal.SIG_DFL)
-    if _stopped_by:  # also when Ray Tune took the signal and ended the sweep itself
-        print(f"mode-cl: stopped by {signal.Signals(_stopped_by[-1]).name}", file=sys.stderr)
-        return 128 + _stopped_by[-1]
+        stopping.restore(previous)
+    if stopping.received():  # also when Ray Tune took the signal and ended the sweep itself
+        print(f"mode-cl: stopped by {signal.Signals(stopping.received()).name}", file=sys.stderr)
+        return 128 + stopping.received()
     return code
-
-
-_stopped_by: list[int] = []  # the stopping signals received during this command
-
-
-def _stop_as_interrupt(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM and SIGHUP take Ctrl-C's path, so that every ``finally`` runs (the MLflow server and
-    Ray started here are stopped) instead of the process dying with its servers left running. While
-    Ray Tune runs, its own SIGINT handler is called (it stops the trials and saves the sweep)."""
-    _stopped_by.append(signum)
-    handler = signal.getsignal(signal.SIGINT)
-    if callable(handler) and handler is not signal.default_int_handler:
-        handler(signal.SIGINT, frame)
-        return
-    raise KeyboardInterrupt
-
-
-def stop_on_signals() -> dict[int, Any]:
-    """Install :func:`_stop_as_interrupt` for SIGTERM and SIGHUP (unless SIGHUP is ignored, as under
-    nohup), and Python's KeyboardInterrupt
-    for SIGINT where it is ignored (a command started in the background by a shell ignores SIGINT,
-    so ``kill -INT`` would not stop it); main thread only. Returns the handlers it replaced."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    # A SIGHUP ignored on purpose (nohup) stays ignored: closing the terminal must not stop the command.
-    stopping = [signal.SIGTERM] + ([] if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else [signal.SIGHUP])
-    replaced = {number: signal.signal(number, _stop_as_interrupt) for number in stopping}
-    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
-        replaced[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
-    return replaced
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from orchestrator.stopping import held
+from trainables.environment import snapshot
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -84,8 +87,9 @@ SERVER_ENV_DEFAULTS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def server_env() -> dict[str, str]:
-    """The environment every ``mlflow server`` we start runs with."""
-    return {**SERVER_ENV_DEFAULTS, **os.environ}
+    """The environment every ``mlflow server`` we start runs with (read atomically: a sweep starts
+    its server while other threads of the driver live)."""
+    return {**SERVER_ENV_DEFAULTS, **snapshot()}
 
 
 def server_command(
@@ -141,19 +145,21 @@ def start_detached(
     if pid_file.is_file() and uri_file.is_file() and _healthy(uri_file.read_text().strip()):
         return uri_file.read_text().strip()
     command = server_command(store, port, host, backend_store_uri, artifacts_destination)
-    with (store / "server.log").open("ab") as server_log:
-        process = subprocess.Popen(
-            command,
-            stdout=server_log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env=server_env(),
-        )
+    process = None
     try:
+        with (store / "server.log").open("ab") as server_log, held():  # a stop: after Popen returns
+            process = subprocess.Popen(
+                command,
+                stdout=server_log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=server_env(),
+            )
         _wait_healthy(url, process, timeout_s, store)
-    except BaseException:  # it never answered, or this command was stopped while it booted
-        stop_server(process)
+    except BaseException:  # it never answered, or this command was stopped while it started
+        if process is not None:
+            stop_server(process)
         raise
     pid_file.write_text(str(process.pid))
     uri_file.write_text(url)
@@ -207,17 +213,18 @@ def tracking_server(
     store.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    with (store / "server.log").open("ab") as server_log:
-        # Its own session: a terminal's Ctrl-C reaches only us, and we stop it (with its children).
-        process = subprocess.Popen(
-            server_command(store, port),
-            stdout=server_log,
-            stderr=subprocess.STDOUT,
-            env=server_env(),
-            start_new_session=True,
-            preexec_fn=_dies_with_parent(),
-        )
+    process = None
     try:
+        with (store / "server.log").open("ab") as server_log, held():  # a stop: after Popen returns
+            # Its own session: a terminal's Ctrl-C reaches only us, and we stop it (with its children).
+            process = subprocess.Popen(
+                server_command(store, port),
+                stdout=server_log,
+                stderr=subprocess.STDOUT,
+                env=server_env(),
+                start_new_session=True,
+                preexec_fn=_dies_with_parent(),
+            )
         if while_starting is not None:
             while_starting(url)
         if on_ready is None:
@@ -238,7 +245,8 @@ def tracking_server(
             threading.Thread(target=watch, name="mlflow-ready", daemon=True).start()
         yield url
     finally:
-        stop_server(process)
+        if process is not None:
+            stop_server(process)
 
 
 def resolve_tracking_uri(explicit: str | None) -> str | None:
@@ -250,18 +258,22 @@ def serve_forever(store: Path, port: int) -> int:
     """``mode-cl ui``: run the server in the foreground until interrupted."""
     store.mkdir(parents=True, exist_ok=True)
     print(f"MLflow UI: http://127.0.0.1:{port}  (store {store.resolve()}; Ctrl-C to stop)", flush=True)
-    process = subprocess.Popen(
-        server_command(store, port), env=server_env(), start_new_session=True, preexec_fn=_dies_with_parent()
-    )
+    process = None
     try:
+        with held():  # a stop that comes while the server is being started: acted on after Popen returns
+            process = subprocess.Popen(
+                server_command(store, port), env=server_env(), start_new_session=True, preexec_fn=_dies_with_parent()
+            )
         return process.wait()
-    finally:  # Ctrl-C, or SIGTERM/SIGHUP (turned into KeyboardInterrupt by the CLI): the server goes too
-        stop_server(process)
+    finally:  # SIGTERM, SIGINT or SIGHUP (a KeyboardInterrupt: orchestrator/stopping.py): the server goes too
+        if process is not None:
+            stop_server(process)
 
 
 def relay(store: Path, port: int) -> int:
     """Serve ``127.0.0.1:port`` as a TCP relay to the tracking server started from ``store``
-    (``mode-cl ui --cluster`` tunnels to this over SSH). Runs until interrupted."""
+    (``mode-cl ui --cluster`` tunnels to this over SSH). Runs until SIGTERM, SIGINT or SIGHUP
+    (orchestrator/stopping.py raises KeyboardInterrupt in the event loop; the listener closes)."""
     import asyncio
     from urllib.parse import urlparse
 

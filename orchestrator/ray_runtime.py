@@ -66,7 +66,7 @@ def _sigterm_handler_kept() -> Iterator[None]:
     """``ray.init`` replaces this process's SIGTERM handler twice: in Python (``sys.exit(15)``) and
     in its core worker (a fatal-signal handler that prints a stack trace and aborts, skipping every
     ``finally``). Put back the handler from before (the CLI's: see
-    ``orchestrator.cli.stop_on_signals``), so SIGTERM stops the command cleanly."""
+    ``orchestrator.stopping``), so SIGTERM stops the command cleanly."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -12,7 +12,6 @@ from the final checkpoint, exactly as the in-process path builds it.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 from pathlib import Path
@@ -22,6 +21,7 @@ from orchestrator.ray_runtime import init_ray
 from trainables.benchmarks import prepare
 from trainables.checkpoint import latest_good, list_checkpoints
 from trainables.config import RunConfig, config_diff
+from trainables.environment import snapshot
 from trainables.errors import UserError
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def torch_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep or None),
             failure_config=ray.train.FailureConfig(max_failures=config.checkpoint.max_failures),
             # Workers may run in a Ray started before this call; pass our own settings explicitly.
-            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("MODE_CL_")}},
+            worker_runtime_env={"env_vars": {k: v for k, v in snapshot().items() if k.startswith("MODE_CL_")}},
         ),
     )
 

@@ -81,6 +81,48 @@ def test_redact_survives_a_variable_removed_while_it_reads_the_environment():
     assert redact("token s3cr3t-value", environ) == f"token {REDACTED}"
 
 
+def test_the_environment_is_read_safely_while_another_thread_changes_it(monkeypatch):
+    """MLflow's telemetry sets and removes variables from its own threads while a Train worker
+    redacts (measured: KeyError and RuntimeError there). One thread sets and deletes variables in a
+    loop, with threads switching every microsecond, while redact and the other readers of the whole
+    environment run many times: none raises. (Written as ``os.environ.items()`` or
+    ``{**os.environ}``, each fails here within a few hundred calls.)"""
+    import os
+    import sys
+    import threading
+
+    from orchestrator.mlflow_server import server_env
+    from trainables.environment import snapshot
+
+    monkeypatch.setenv("API_TOKEN", "s3cr3t-value")
+    names = [f"_MODE_CL_CHURN_{i}" for i in range(64)]
+    done, churned = threading.Event(), [0]
+
+    def churn() -> None:
+        while not done.is_set():
+            for name in names:
+                os.environ[name] = "x" * 16
+            for name in names:
+                del os.environ[name]
+            churned[0] += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    try:
+        for _ in range(3000):
+            assert redact("token s3cr3t-value") == f"token {REDACTED}"
+            assert server_env()["API_TOKEN"] == snapshot()["API_TOKEN"] == "s3cr3t-value"
+    finally:
+        done.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+        for name in names:
+            os.environ.pop(name, None)
+    assert churned[0] > 10, churned  # the environment did change meanwhile
+
+
 def test_a_checkpoint_carrying_a_pickled_object_is_refused_not_executed(tmp_path):
     from tests.conftest import MICRO_RUN
     from trainables.config import load_run_config

@@ -18,6 +18,8 @@ import pytest
 from tests.faults._helpers import MODE_CL, RAY, free_port, ray_processes, ray_temp_dir, wait_until
 from tests.faults.test_sweep_faults import MICRO_RUN
 
+SIGNALS = pytest.mark.parametrize("stopping", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+
 
 def _answers(port: int) -> bool:
     with socket.socket() as sock:
@@ -86,7 +88,7 @@ def _server_port(log: Path) -> int | None:
     return int(found.group(1)) if found else None
 
 
-@pytest.mark.parametrize("stopping", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+@SIGNALS
 def test_ui_stops_its_mlflow_server(stopping, tmp_path):
     port = free_port()
     log = tmp_path / "ui.log"
@@ -125,6 +127,100 @@ def test_ui_killed_outright_leaves_no_mlflow_server(tmp_path):
     finally:
         if ui.poll() is None:
             os.killpg(ui.pid, signal.SIGKILL)
+
+
+def _mlflow_servers_on(port: int) -> list[str]:
+    """The ``mlflow server`` process (and its uvicorn child) of ``port``, not the mode-cl command."""
+    return [line for line in _processes_on(port) if "mlflow" in line and "mode-cl" not in line]
+
+
+@SIGNALS
+@pytest.mark.parametrize("command", ["ui", "tracking-server start"])
+def test_stopped_while_its_mlflow_server_starts(command, stopping, tmp_path):
+    """The signal comes while the server it started is still booting (not answering yet): the
+    command stops it, and `tracking-server start` records no server (no pid or URI file)."""
+    port = free_port()
+    log, store = tmp_path / "command.log", tmp_path / "store"
+    where = ["--work-dir", str(tmp_path / "work")] if command == "ui" else ["--store", str(store)]
+    argv = [MODE_CL, *command.split(), *where, "--port", str(port)]
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_from_a_terminal()
+        )
+    try:
+        assert wait_until(lambda: _mlflow_servers_on(port) or process.poll() is not None, 60, 0.05), log.read_text()
+        assert not _answers(port), "the server answered already: this test stops it earlier"
+        _stop(process, stopping, log)
+        assert wait_until(lambda: not _answers(port) and not _mlflow_servers_on(port), 30), _processes_on(port)
+        assert not (store / "server.pid").exists() and not (store / "tracking_uri").exists()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        for line in _mlflow_servers_on(port):
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+
+
+@SIGNALS
+def test_tracking_server_relay_stops_listening(stopping, tmp_path):
+    """`tracking-server relay` (what `ui --cluster` tunnels to) stops on each signal: exit 128 +
+    signal, one line, its port closed. SIGINT used to be swallowed by asyncio (exit 0, no line)."""
+    store, port, log = tmp_path / "store", free_port(), tmp_path / "relay.log"
+    store.mkdir()
+    (store / "tracking_uri").write_text(f"http://127.0.0.1:{free_port()}")  # nothing needs to listen there
+    with log.open("w") as out:
+        relay = subprocess.Popen(
+            [MODE_CL, "tracking-server", "relay", "--store", str(store), "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_from_a_terminal(ignore_sigint=True),
+        )  # fmt: skip
+    try:
+        assert wait_until(lambda: _answers(port) or relay.poll() is not None, 60, 0.1), log.read_text()
+        assert _answers(port), log.read_text()
+        _stop(relay, stopping, log)
+        assert not _answers(port)
+    finally:
+        if relay.poll() is None:
+            os.killpg(relay.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("start", ["serve_forever", "start_detached", "tracking_server"])
+def test_a_stop_during_popen_still_stops_the_server(start, tmp_path, monkeypatch):
+    """A SIGTERM that arrives inside ``subprocess.Popen``, after the fork, is acted on once Popen
+    has returned: the server is stopped. (Acted on at once, the KeyboardInterrupt would leave a
+    child that no one holds.) In this process, with the CLI's handlers installed."""
+    from orchestrator import mlflow_server, stopping
+
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def popen_then_signal(command, **kwargs):  # a stand-in server; the signal lands before Popen returns
+        if "mlflow" not in command:  # another Popen (ctypes.util.find_library runs one)
+            return real_popen(command, **kwargs)
+        started.append(real_popen(["sleep", "60"], start_new_session=True))
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # bytecode boundaries: where Python runs a signal handler not held back
+            pass
+        return started[-1]
+
+    monkeypatch.setattr(mlflow_server.subprocess, "Popen", popen_then_signal)
+    store, port = tmp_path / "store", free_port()
+    calls = {
+        "serve_forever": lambda: mlflow_server.serve_forever(store, port),
+        "start_detached": lambda: mlflow_server.start_detached(store, "127.0.0.1", port),
+        "tracking_server": lambda: mlflow_server.tracking_server(store, log=lambda _: None).__enter__(),
+    }
+    previous = stopping.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            calls[start]()
+        assert stopping.received() == signal.SIGTERM
+    finally:
+        stopping.restore(previous)
+        leftover = [process for process in started if process.poll() is None]
+        for process in leftover:
+            process.kill()
+            process.wait()
+    assert len(started) == 1 and not leftover, "the server started during the signal was left running"
 
 
 def _start_train_and_stop(

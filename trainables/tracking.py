@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import tempfile
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from trainables import __version__
+from trainables.environment import snapshot
 
 
 def metric_key(*parts: str) -> str:
@@ -179,11 +179,11 @@ def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
     """``text`` with the value of every secret-looking environment variable (name matching KEY,
     TOKEN, SECRET, PASSWORD, CREDENTIAL, AUTH; value of 8+ characters) replaced: a secret passed
     through a config value or a path must not reach MLflow params or logs."""
-    # os.environ is shared with other threads (MLflow's telemetry sets and removes variables):
-    # take a snapshot of the names, and skip a name that is gone by the time it is read.
-    environ = os.environ if environ is None else environ
-    for name in list(environ):
-        value = environ.get(name)
+    # os.environ is shared with other threads (MLflow's telemetry sets and removes variables in a
+    # Train worker): it is read once, atomically (trainables.environment), never iterated.
+    # A mapping given by the caller: names listed first, a name gone by the time it is read skipped.
+    values = snapshot() if environ is None else {name: environ.get(name) for name in list(environ)}
+    for name, value in values.items():
         if value is not None and len(value) >= 8 and SECRET_NAME.search(name) and value in text:
             text = text.replace(value, REDACTED)
     return text
