@@ -191,6 +191,13 @@ def _report(args: argparse.Namespace) -> int:
     return report_trials(directory, args.format, args.output)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from orchestrator.compare import compare
+
+    by, allow = args.group_by or [], [k for group in args.allow_diff for k in group.split(",") if k]
+    return compare(args.sources, _storage(args), by, args.baseline, allow, args.format, args.output)
+
+
 def _ui(args: argparse.Namespace) -> int:
     from orchestrator.mlflow_server import serve_forever
 
@@ -332,6 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     report.add_argument("--cluster", type=Path, help="the sweep ran on this `ray up` cluster")
     report.set_defaults(func=_report)
+    compare = commands.add_parser("compare", help="one grouped table across sweeps or results collections")
+    compare.add_argument("sources", nargs="+", metavar="SOURCE", help="sweep names or directories, results collections")
+    compare.add_argument("--group-by", nargs="*", metavar="KEY", help="besides source (default: every varying key)")
+    compare.add_argument("--baseline", metavar="KEY=VALUE", help="paired differences against this group, e.g. source=A")
+    compare.add_argument(
+        "--allow-diff", action="append", default=[], metavar="KEYS", help="fixed config fields allowed to differ"
+    )
+    compare.add_argument("--format", choices=("table", "markdown", "latex", "csv", "json", "parquet"), default="table")
+    compare.add_argument("--output", help="write here (parquet default: ./groups.parquet)")
+    compare.add_argument("--storage", help="where the sweeps were run (default <work-dir>/sweeps)")
+    compare.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
+    compare.set_defaults(func=_compare)
     ui = commands.add_parser("ui", help="the MLflow UI for this project's store, on 127.0.0.1")
     ui.add_argument("--port", type=int, help="local port (default 5000; 5001 with --cluster)")
     ui.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)

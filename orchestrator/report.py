@@ -186,7 +186,12 @@ def result_rows(path) -> list[dict[str, Any]]:
     if not results or not all(isinstance(r, dict) and "config" in r and "acc_matrix" in r for r in results):
         raise ConfigError(str(path), "no results.json records (with config and acc_matrix) in it")
     flat = [_flatten(r["config"]) for r in results]
-    varying = [k for k in dict.fromkeys(k for f in flat for k in f) if len({repr(f.get(k)) for f in flat}) > 1]
+    varying = [
+        k
+        for k in dict.fromkeys(k for f in flat for k in f)
+        if len({repr(f.get(k)) for f in flat}) > 1
+        and not (k != "seed" and all(f.get(k) == f.get("seed") for f in flat))  # data.seed etc. follow the seed
+    ]
     keys = list(dict.fromkeys(["seed", "tasks", *varying]))
     rows, bases = [], {}
     for result, config in zip(results, flat, strict=True):
@@ -234,6 +239,28 @@ def report_groups(
     the seed), each summary metric as mean ± 95 % Student t interval, optionally paired differences
     against ``--baseline KEY=VALUE`` (runs paired on seed and task order) and the runs a group needs
     for ``--half-width``."""
+    from pathlib import Path
+
+    from orchestrator.sweep import trial_table
+
+    source = result_rows(directory) if is_results_collection(directory) else trial_table(Path(directory))
+    folder = Path(directory) if Path(directory).is_dir() else Path(directory).parent
+    return render_grouped(source, by, baseline, half_width, output_format, output, folder)
+
+
+def render_grouped(
+    source: list[dict[str, Any]],
+    by: list[str],
+    baseline: str | None,
+    half_width: float | None,
+    output_format: str,
+    output: str | None,
+    folder,
+    *plain_keys: str,
+) -> int:
+    """The grouped table of finished rows (``config.<key>`` columns and metrics), printed or
+    written to ``output`` (parquet: ``folder/groups.parquet`` by default). ``plain_keys`` are
+    grouping columns without the ``config.`` prefix (``source`` in ``mode-cl compare``)."""
     import csv
     import io
     import json
@@ -242,17 +269,15 @@ def report_groups(
     import yaml
 
     from orchestrator.aggregate import INTERVAL, SUMMARY_METRICS, grouped_table
-    from orchestrator.sweep import trial_table
     from trainables.config_rules import ConfigError
 
-    source = result_rows(directory) if is_results_collection(directory) else trial_table(Path(directory))
     rows = [r for r in source if r.get("status") == "TERMINATED"]
     if not rows:
-        raise ConfigError(str(directory), "no finished trial to group")
-    swept = [k for k in rows[0] if k.startswith("config.")]
+        raise ConfigError(str(folder), "no finished trial to group")
+    swept = [k for k in rows[0] if k.startswith("config.") or k in plain_keys]
 
     def column(key: str, what: str) -> str:
-        name = key if key.startswith("config.") else f"config.{key}"
+        name = key if key.startswith("config.") or key in plain_keys else f"config.{key}"
         if name not in swept:
             known = ", ".join(k.removeprefix("config.") for k in swept)
             raise ConfigError(what, f"{key!r} is not a swept key of this sweep (swept: {known})")
@@ -290,8 +315,7 @@ def report_groups(
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            folder = Path(directory) if Path(directory).is_dir() else Path(directory).parent
-            target = Path(output) if output else folder / "groups.parquet"
+            target = Path(output) if output else Path(folder) / "groups.parquet"
             pq.write_table(pa.Table.from_pylist(records), target)
             print(f"wrote {len(records)} groups to {target}")
             return 0

@@ -201,3 +201,50 @@ def test_report_of_a_bad_results_collection_is_one_line(tmp_path, capsys, text, 
     assert main(["report", str(tmp_path / "runs.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_compare_two_collections_refuses_unnamed_differences(tmp_path, capsys):
+    import json
+
+    from orchestrator.cli import main
+
+    def write(name: str, r: int, acc_shift: float) -> str:
+        runs = [_result("mode", s, [0.5, 0.4], [0.6 + acc_shift, 0.8 + s / 10], 0.3) for s in (0, 1)]
+        for run in runs:
+            run["config"]["method"]["r"] = r
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(run) + "\n" for run in runs))
+        return str(tmp_path / f"{name}.jsonl")
+
+    a, b, c = write("main", 8, 0.0), write("branch", 8, 0.1), write("rank4", 4, 0.2)
+    # equal fixed configs: one group per source; Δ branch − main = 0.1 / 2 = 0.05 on both seeds
+    assert main(["compare", a, b, "--baseline", "source=main", "--format", "json"]) == 0
+    records = {(r["kind"], r["source"]): r for r in json.loads(capsys.readouterr().out)}
+    assert records[("group", "main")]["avg_acc"] == pytest.approx(0.725)
+    assert records[("difference", "branch")]["avg_acc"] == pytest.approx(0.05)
+    assert records[("difference", "branch")]["avg_acc_n"] == 2
+    # a fixed field that differs is refused, naming it, unless --allow-diff names it
+    assert main(["compare", a, c]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "differ in method.r (8 vs 4)" in err and "--allow-diff method.r" in err and "\n" not in err
+    assert main(["compare", a, c, "--allow-diff", "method.r", "--format", "csv"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3  # header, one group per source
+    assert main(["compare", a]) == 2
+
+
+def test_compare_a_sweep_with_a_collection(tmp_path, monkeypatch, capsys):
+    """A sweep's fixed config is its space's first trial config without the swept keys; a field
+    fixed in the collection but swept in the sweep is a column, not a difference."""
+    import json
+    from pathlib import Path
+
+    from orchestrator.cli import main
+
+    space = Path(__file__).resolve().parents[1] / "search_spaces" / "digits_sweep.yaml"
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps({"space": str(space)}))
+    monkeypatch.setattr("orchestrator.sweep.trial_table", lambda directory: [dict(r) for r in TRIALS])
+    run = json.loads(json.dumps(_result("mode", 0, [0.5, 0.4], [0.6, 0.8], 0.3)))
+    (tmp_path / "one.jsonl").write_text(json.dumps(run) + "\n")
+    assert main(["compare", str(tmp_path / "sweep"), str(tmp_path / "one.jsonl")]) == 2
+    err = capsys.readouterr().err  # the collection's config is not the sweep space's: say which field
+    assert "--allow-diff" in err and "sweep and one differ in" in err
