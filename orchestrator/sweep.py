@@ -44,6 +44,7 @@ from orchestrator.sweep_tracking import (
     parent_status_on_failure,
     tracking_and_ray,
 )
+from orchestrator.trial_names import TrialNamer
 
 # Light imports only: Tune's trial processes import this module (torch/transformers load in workers).
 Log = Callable[[str], None]
@@ -196,10 +197,13 @@ def _tuner(space: SweepSpace, context: DriverContext, storage: str, restore_path
     param_space: dict[str, Any] = {"trial": tune.grid_search(space.trials)}
     if space.distributions:
         param_space["sampled"] = {k: _tune_domain(kind, args) for k, (kind, args) in space.distributions.items()}
+    namer = TrialNamer.for_trials(space.trials, space.num_samples, bool(space.distributions))
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
+            trial_name_creator=namer,
+            trial_dirname_creator=namer.dirname,
             metric=space.objective_metric,
             mode=space.objective_mode,
             scheduler=_scheduler(space),
