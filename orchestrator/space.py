@@ -54,6 +54,12 @@ TOP_LEVEL = (
     "max_trials",
 )
 DEFAULT_MAX_TRIALS = 1000
+SECTION_KEYS = {
+    "objective": ("metric", "mode"),
+    "scheduler": ("type", "grace_period", "reduction_factor"),
+    "search": ("type",),
+    "tracking": ("checkpoints",),
+}
 DISTRIBUTIONS = ("choice", "loguniform", "uniform", "randint")
 OBJECTIVE_METRICS = (
     "avg_acc",
@@ -172,9 +178,9 @@ def _culprit(
 def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpace:
     """Parse and fully validate a sweep space; raises :class:`ConfigError` with a one-line message."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(str(path), "sweep space file not found")
-    data = read_config_file(path)  # not UTF-8 text, or not YAML: one line
+    data = read_config_file(path)  # not a regular file, too large, not UTF-8 text, or not YAML: one line
     if not data or not isinstance(data, dict):
         raise ConfigError(str(path), "expected a mapping of sweep settings")
     for key in data:
@@ -189,6 +195,10 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
             _fail(
                 key, f"expected a mapping, e.g. {key}: {{{'type: asha' if key != 'objective' else 'metric: avg_acc'}}}"
             )
+    for key, known in SECTION_KEYS.items():
+        for name in data.get(key) or {}:
+            if name not in known:
+                _unknown(f"{key}.", name, known)
     run_config_path = path.parent / run_config
     try:
         base = read_config_file(run_config_path)
@@ -258,9 +268,6 @@ def load_space(path: str | Path, cpus_available: int | None = None) -> SweepSpac
     scheduler = data.get("scheduler") or {"type": "fifo"}
     if scheduler.get("type") not in ("fifo", "asha"):
         _fail("scheduler.type", f"expected fifo or asha, got {scheduler.get('type')!r}")
-    for key in scheduler:
-        if key not in ("type", "grace_period", "reduction_factor"):
-            _unknown("scheduler.", key, ["type", "grace_period", "reduction_factor"])
     if scheduler.get("type") == "asha":
         _check_asha(scheduler, max(len(config.tasks) for config in configs))
 
@@ -353,10 +360,11 @@ def _check_size(
     factors = []
     for key, value in grid.items():
         if key == "tasks":
-            orders = value.get("all_orders_of") if isinstance(value, dict) else None
-            if isinstance(orders, list) and orders:
-                # The names are checked once, before n! orders of them would be.
-                _check(base, {**fixed, "tasks": orders}, "grid.tasks.all_orders_of")
+            for name in ("all_orders_of", "of"):
+                names = value.get(name) if isinstance(value, dict) else None
+                if isinstance(names, list) and names:
+                    # The names are checked once, before n! (or k) orders of them would be.
+                    _check(base, {**fixed, "tasks": names}, f"grid.tasks.{name}")
             count = _task_order_count(value)
         else:
             count = len(value) if isinstance(value, list) else None  # a distribution: one draw per sample

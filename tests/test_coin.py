@@ -336,6 +336,25 @@ def test_run_with_missing_model_path_exits_2(coin, tmp_path, capsys):
     assert main(["run", str(config), "--dry-run"]) == 2
 
 
+def test_run_start_checks_the_checkpoints_training_memory(coin, monkeypatch):
+    """CoIN's widths come from the checkpoint: its adapter and memory are checked when the run starts
+    (check_inputs), with the dry-run's estimate, in bf16 or fp32 as the config loads the weights."""
+    from trainables import adapter_budget
+    from trainables.benchmarks.coin.benchmark import check_inputs
+    from trainables.config_rules import ConfigError
+
+    config = _coin_config(coin, max_length=8, dtype="float32")  # the tiny model: weights above activations
+    config = load_run_config_dict(config.to_dict(), {"train.batch_size": 1, "method.kd_weight": 0})
+    check_inputs(config)  # fits this machine
+    monkeypatch.setattr(adapter_budget, "physical_memory_bytes", lambda: 2**20)
+    with pytest.raises(ConfigError, match=r"^coin\.model: training needs about .* more than the 1\.0 MiB of memory"):
+        check_inputs(config)
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: .*lower train\.batch_size or coin\.max_length"):
+        check_inputs(_coin_config(coin, gradient_checkpointing=False))
+    with pytest.raises(ConfigError, match=r"^method\.r: adapter rank 100000 is above the width of"):
+        check_inputs(load_run_config_dict(config.to_dict(), {"method.r": 100_000}))
+
+
 def test_answer_scoring_rules_on_hand_examples():
     question = "<image>\nWhich animal is a mammal?\nA. frog\nB. golden retriever\nC. snake"
     assert parse_options(question) == {"A": "frog", "B": "golden retriever", "C": "snake"}

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import stat
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -20,10 +21,15 @@ from typing import Any
 
 import yaml
 
-from trainables.adapter_budget import check_adapter_fits
+from trainables.adapter_budget import ModelShape, TrainingShape, check_adapter_fits
 from trainables.benchmarks.coin.config import T2I_FIELDS, CoinConfig
-from trainables.benchmarks.digits.config import BaseModelConfig, DigitsConfig
-from trainables.benchmarks.digits.data import continual_tasks
+from trainables.benchmarks.digits.config import (
+    IMAGE_SPAN_TOKENS,
+    MAX_SEQUENCE_TOKENS,
+    BaseModelConfig,
+    DigitsConfig,
+)
+from trainables.benchmarks.digits.data import continual_tasks, vocabulary
 from trainables.config_rules import (
     RULE,
     ConfigError,
@@ -169,9 +175,25 @@ class RunConfig:
         if not 0 < self.data.test_images < 1797 - 100:
             raise ValueError("data.test_images must leave at least 100 of the 1,797 digits for training")
         if self.coin is None:  # the tiny model's shape is in this config; CoIN's is checked when it opens
-            check_adapter_fits(
-                self.method, self.base.hidden_size, self.base.intermediate_size, self.base.num_hidden_layers
-            )
+            check_adapter_fits(self.method, self._digits_training_shape())
+
+    def _digits_training_shape(self) -> TrainingShape:
+        """The digits model's shape for the memory estimate (fp32, one worker's share of the batch)."""
+        vocab_size = max(vocabulary(self.data).values()) + 1
+        return TrainingShape(
+            model=ModelShape(
+                self.base.hidden_size,
+                self.base.intermediate_size,
+                self.base.num_hidden_layers,
+                vocab_size,
+                image_vocab=self.data.levels + 2,  # codebook + begin/end-image
+            ),
+            dtype_bytes=4,
+            micro_batch=-(-self.train.batch_size // self.resources.num_workers),
+            seq_len=MAX_SEQUENCE_TOKENS,
+            stream_len=IMAGE_SPAN_TOKENS,
+            use_gpu=self.resources.use_gpu,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = json.loads(json.dumps(asdict(self)))
@@ -252,22 +274,77 @@ def load_run_config_dict(data: Mapping[str, Any], overrides: Mapping[str, Any] |
     return build(RunConfig, with_overrides(data, overrides or {}), "")
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A run config YAML file's data (not yet checked)."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(str(path), "config file not found")
+MAX_CONFIG_BYTES = 1 << 20  # a run config or space file is a few KiB; a larger one is refused unread
+MAX_CONFIG_VALUES = 100_000  # values a file may expand to (YAML aliases can multiply a small file)
+
+
+def _expanded_size(data: Any, seen: dict[int, int], limit: int) -> int:
+    """How many values ``data`` holds once its YAML aliases are expanded (what ``json.dumps`` would
+    write), counted with each shared list/mapping once; stops counting above ``limit``."""
+    if not isinstance(data, list | dict):
+        return 1
+    if id(data) in seen:
+        return seen[id(data)]
+    total = 1
+    for item in data.values() if isinstance(data, dict) else data:
+        total += _expanded_size(item, seen, limit)
+        if total > limit:
+            break
+    seen[id(data)] = total
+    return total
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML ``text`` parsed, refused in one line if it is not YAML or expands (through aliases) to
+    more than ``MAX_CONFIG_VALUES`` values."""
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as error:
-        reason = getattr(error, "strerror", None) or error
-        raise ConfigError(str(path), f"cannot be read ({reason}); pass a readable YAML file") from None
-    try:
-        return yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(None, f"{path}:{where} is not valid YAML ({getattr(error, 'problem', error)})") from None
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(None, f"{where}:{line} is not valid YAML ({getattr(error, 'problem', error)})") from None
+    except RecursionError:
+        raise ConfigError(where, "nested too deeply to be a config") from None
+    try:
+        size = _expanded_size(data, {}, MAX_CONFIG_VALUES)
+    except RecursionError:  # an alias inside itself, or absurd nesting
+        raise ConfigError(where, "nested too deeply to be a config") from None
+    if size > MAX_CONFIG_VALUES:
+        raise ConfigError(
+            where, f"expands to more than {MAX_CONFIG_VALUES:,} values (through YAML aliases?); a config holds hundreds"
+        )
+    return data
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A run config or space YAML file's data (not yet checked). Refused in one line before it is
+    parsed: a missing, unreadable or non-regular file (a FIFO or device would block or never end),
+    one over ``MAX_CONFIG_BYTES``, or one that is not UTF-8 text."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ConfigError(str(path), "config file not found") from None
+    except OSError as error:
+        raise ConfigError(str(path), f"cannot be read ({error.strerror or error}); pass a readable YAML file") from None
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise ConfigError(str(path), "cannot be read (not a regular file); pass a YAML file")
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:  # a directory, no permission
+        raise ConfigError(str(path), f"cannot be read ({error.strerror or error}); pass a readable YAML file") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            str(path), f"larger than {MAX_CONFIG_BYTES >> 20} MiB; a run config or space file is a few KiB of YAML"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            str(path), f"not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); pass a YAML file"
+        ) from None
+    return _parse_yaml(text, str(path)) or {}
 
 
 def load_run_config(path: str | Path | None, set_options: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -3,71 +3,23 @@
 The model is instantiated on the ``meta`` device (shapes only, no memory) from its config: a local
 checkpoint's ``config.json``, the Hugging Face cache, or Chameleon-7B's known shape for an uncached
 Hub id. The method is attached there too, so parameter counts are exact. GPU memory per worker is an
-**estimate** from those counts (formulas in :func:`memory_estimate`), not a measurement.
+**estimate** from those counts (formulas in :func:`trainables.adapter_budget.memory_estimate`, the
+same that refuses a run too large for this machine's memory), not a measurement.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from trainables.adapter_budget import ModelShape, memory_estimate
 from trainables.config import RunConfig
 from trainables.methods import build_method
 from trainables.vocab import TokenIds
 
-GIB = 1024**3
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    vocab_size: int
-    image_vocab: int  # codebook + begin/end-image: the KD logits' width
-
-
-def memory_estimate(
-    shape: ModelShape,
-    base_params: int,
-    adapter_params: int,
-    dtype_bytes: int,
-    micro_batch: int,
-    seq_len: int,
-    stream_len: int,
-    checkpointing: bool,
-    uses_kd: bool,
-) -> dict[str, float]:
-    """GiB per worker, by component (an estimate):
-
-    * weights: every base parameter in the load dtype (frozen, no gradients or optimizer state);
-    * adapters: fp32 weights + fp32 gradients + AdamW's two fp32 moments = 16 bytes per parameter;
-    * activations: without checkpointing ≈ 34·b·s·h bytes per layer (the usual transformer estimate
-      for 16-bit activations with fused attention); with checkpointing, the 2·b·s·h-byte input of each
-      layer plus one layer's full activations during its recompute;
-    * logits: fp32 ``[b, s, V]`` three times (logits, masked copy, softmax gradient) for the task CE;
-    * kd: teacher + student logits over the image vocabulary, fp32, three copies each.
-    """
-    b, s, h = micro_batch, seq_len, shape.hidden_size
-    per_layer = 34 * b * s * h
-    if checkpointing:
-        activations = shape.num_hidden_layers * 2 * b * s * h + per_layer
-    else:
-        activations = shape.num_hidden_layers * per_layer
-    parts = {
-        "weights": base_params * dtype_bytes,
-        "adapters": adapter_params * 16,
-        "activations": activations,
-        "logits": 3 * b * s * shape.vocab_size * 4,
-        "kd": (2 * 3 * b * stream_len * shape.image_vocab * 4) if uses_kd else 0,
-    }
-    estimate = {name: value / GIB for name, value in parts.items()}
-    estimate["total"] = sum(estimate.values())
-    return estimate
 
 
 def resource_plan(config: RunConfig) -> dict[str, Any]:
@@ -84,6 +36,7 @@ def resource_plan(config: RunConfig) -> dict[str, Any]:
         dtype, seq_len, checkpointing = config.coin.dtype, config.coin.max_length, config.coin.gradient_checkpointing
         stream_len = tokens_per_image(model_config) + 2
     else:
+        from trainables.benchmarks.digits.config import IMAGE_SPAN_TOKENS, MAX_SEQUENCE_TOKENS
         from trainables.benchmarks.digits.data import vocabulary
         from trainables.benchmarks.digits.tiny import build_tiny_chameleon
 
@@ -91,7 +44,7 @@ def resource_plan(config: RunConfig) -> dict[str, Any]:
             model_config = build_tiny_chameleon(vocabulary(config.data), config.base.shape).config
         source = "embedded tiny base model"
         ids = TokenIds.from_vocabulary_map(model_config.vocabulary_map, vocab_size=model_config.vocab_size)
-        dtype, seq_len, checkpointing, stream_len = "float32", 80, False, 66
+        dtype, seq_len, checkpointing, stream_len = "float32", MAX_SEQUENCE_TOKENS, False, IMAGE_SPAN_TOKENS
     with torch.device("meta"):
         model = ChameleonForConditionalGeneration(model_config)
     base_params = sum(p.numel() for p in model.parameters())

@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.adapter_budget import check_adapter_fits
+from trainables.adapter_budget import ModelShape, TrainingShape, check_adapter_fits
 from trainables.batching import SampleSet
-from trainables.benchmarks.coin.chameleon import load_chameleon, tokens_per_image
+from trainables.benchmarks.coin.chameleon import DTYPES, load_chameleon, tokens_per_image
 from trainables.benchmarks.coin.decoding import greedy_decode
 from trainables.benchmarks.coin.records import CoinInputError
 from trainables.benchmarks.coin.scoring import is_correct
@@ -376,7 +376,27 @@ def check_inputs(config: RunConfig) -> None:
     (:class:`ModelSourceError` / :class:`CoinInputError`, both one-line user errors), and the
     adapter against the checkpoint's widths and this machine's memory (a :class:`ConfigError`)."""
     model_config = _model_config(config)
-    check_adapter_fits(
-        config.method, model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
+    coin = config.coin
+    ids = TokenIds.from_vocabulary_map(
+        model_config.vocabulary_map, vocab_size=model_config.vocab_size, separator=coin.separator_token
     )
+    shape = TrainingShape(
+        model=ModelShape(
+            model_config.hidden_size,
+            model_config.intermediate_size,
+            model_config.num_hidden_layers,
+            model_config.vocab_size,
+            len(ids.image_codes) + 2,  # codebook + begin/end-image
+        ),
+        dtype_bytes=DTYPES[coin.dtype].itemsize,
+        micro_batch=-(-config.train.batch_size // config.resources.num_workers),
+        seq_len=coin.max_length,
+        stream_len=tokens_per_image(model_config) + 2,
+        checkpointing=coin.gradient_checkpointing,
+        use_gpu=config.resources.use_gpu,
+        weights_field="coin.model",
+        weights_fix="use a smaller model or a machine with more memory",
+        activations_fix="lower train.batch_size or coin.max_length, or use more workers or coin.gradient_checkpointing",
+    )
+    check_adapter_fits(config.method, shape)
     CoinBenchmark(config, model_config, log=lambda message: None)

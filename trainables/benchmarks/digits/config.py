@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass
 from trainables.config_rules import check_fields, setting
 from trainables.model_shape import ChameleonShape
 
+MAX_SEQUENCE_TOKENS = 80  # the longest digits sequence: 64 image tokens, a question, an answer and markers
+IMAGE_SPAN_TOKENS = 66  # an image span: begin-image, 64 codes, end-image
+
 
 @dataclass(frozen=True)
 class BaseModelConfig:
@@ -32,7 +35,7 @@ class BaseModelConfig:
             intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads,
-            max_position_embeddings=256,  # digits sequences are at most 80 tokens
+            max_position_embeddings=256,  # digits sequences are at most MAX_SEQUENCE_TOKENS
         )
 
 
