@@ -173,6 +173,10 @@ def _report(args: argparse.Namespace) -> int:
     from orchestrator.sweep_store import find_sweep
     from trainables.config_rules import ConfigError
 
+    if args.recompute:
+        from orchestrator.report import recompute_report
+
+        return recompute_report(args.sweep)
     collection = not args.cluster and is_results_collection(args.sweep)  # runs' results, always grouped
     grouping = collection or args.group_by is not None or args.baseline is not None or args.half_width is not None
     if args.format in set(GROUPED_FORMATS) - {"table", "json", "parquet"} and not grouping:
@@ -335,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline", metavar="KEY=VALUE", help="paired differences against this group, e.g. method.name=seq_lora"
     )
     report.add_argument("--half-width", type=float, help="also say how many runs a group needs for this CI half-width")
+    report.add_argument(
+        "--recompute", action="store_true", help="recompute every metric of the runs under SWEEP from their predictions"
+    )
     report.add_argument("--storage", help="where the sweep was run (default <work-dir>/sweeps)")
     report.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     report.add_argument("--cluster", type=Path, help="the sweep ran on this `ray up` cluster")

@@ -367,3 +367,48 @@ def _render_groups(records, keys, metrics, half_width, output_format: str, title
 
 def _latex(text: str) -> str:
     return text.replace("_", r"\_").replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("≥", r"$\geq$")
+
+
+RECOMPUTED = ("acc_matrix", "open_acc_matrix", "avg_acc", "forgetting", "retention", "bwt", "fwt", "gen_acc")
+RECOMPUTED += ("inter_modal_forgetting", "open_avg_acc", "open_forgetting")
+
+
+def recompute_report(path) -> int:
+    """``mode-cl report PATH --recompute``: for every ``results.json`` under PATH with its
+    ``predictions.parquet`` beside it, every metric recomputed from the predictions alone and
+    compared with the value logged; prints one line per run and per differing metric. Exit 0
+    when all agree (to 1e-12), 1 otherwise."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from trainables.config_rules import ConfigError
+    from trainables.results import PREDICTIONS_FILE, recompute
+
+    path = Path(path)
+    files = [path] if path.name == "results.json" else sorted(path.rglob("results.json")) if path.is_dir() else []
+    runs = [f for f in files if (f.parent / PREDICTIONS_FILE).is_file()]
+    if not runs:
+        raise ConfigError(
+            str(path), f"no results.json with a {PREDICTIONS_FILE} beside it (runs of mode-cl ≥ 0.1 on digits)"
+        )
+    differing = 0
+    for file in runs:
+        logged = json.loads(file.read_text())
+        again = recompute(logged, pq.read_table(file.parent / PREDICTIONS_FILE))
+        bad = []
+        for key in RECOMPUTED:
+            if key not in again or key not in logged:
+                continue
+            a = np.asarray(again[key], dtype=float)
+            b = np.asarray(logged[key], dtype=float)
+            if a.shape != b.shape or not np.allclose(a, b, rtol=1e-12, atol=1e-12, equal_nan=True):
+                bad.append(f"  {key}: logged {logged[key]}, recomputed {again[key]}")
+        differing += bool(bad)
+        print(f"{file.parent}: {'DIFFERS' if bad else 'equal'} ({len(RECOMPUTED)} metrics from {PREDICTIONS_FILE})")
+        for line in bad:
+            print(line)
+    print(f"{len(runs) - differing} of {len(runs)} runs recompute to their logged metrics")
+    return 1 if differing else 0

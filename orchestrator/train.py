@@ -26,7 +26,7 @@ from trainables.errors import UserError
 
 if TYPE_CHECKING:
     from trainables.worker import LoopConfig
-from trainables.results import results_from_progress, write_results
+from trainables.results import results_from_progress, write_predictions, write_results
 from trainables.run_context import Log
 
 
@@ -172,4 +172,5 @@ def run_with_ray(
         raise RuntimeError(f"the final checkpoint of run {name!r} does not verify; rerun the same command to resume")
     results = results_from_progress(config, final.progress)
     write_results(results, Path(out_dir))
+    write_predictions(final.progress, Path(out_dir))
     return results

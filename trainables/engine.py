@@ -29,7 +29,7 @@ from trainables.checkpoint import LoadedCheckpoint, LocalCheckpointer, Progress
 from trainables.config import RunConfig
 from trainables.distributed import Distributed
 from trainables.methods import Method, build_method
-from trainables.results import metrics_so_far, results_from_progress, write_results
+from trainables.results import metrics_so_far, results_from_progress, write_predictions, write_results
 from trainables.run_context import Log, PhaseTimer, RunContext, seeded_generator
 
 METHOD_STATE = "method_state.pt"  # inside a checkpoint's adapter directory, when the method keeps state
@@ -232,6 +232,7 @@ def run_sequence(
     log(f"sequence finished in {time.perf_counter() - started:.1f}s ({_fmt_timings(timer.seconds)})")
     if out_dir is not None and run.dist.rank == 0:
         write_results(results, Path(out_dir))
+        write_predictions(progress, Path(out_dir))
     return results
 
 

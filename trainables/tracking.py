@@ -136,8 +136,23 @@ class TrialTracker:
                 continue
             stage[key] = metrics.get(key) if metrics.get(key) is not None else 0.0
         self.log_metrics(stage, step=done)
+        self._log_predictions(done, generation)
         if done > 0 and (self.checkpoints == "all" or (self.checkpoints == "final" and done == len(tasks))):
             self.client.log_artifacts(self.run_id, str(checkpoint_dir), f"checkpoints/task_{done:02d}")
+
+    def _log_predictions(self, stage: int, scores: dict[str, Any]) -> None:
+        """The stage's per-sample predictions as ``predictions/stage_<k>.parquet``."""
+        import pyarrow.parquet as pq
+
+        from trainables.results import predictions_table
+
+        table = predictions_table([scores], first_stage=stage)
+        if table is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"stage_{stage:02d}.parquet"
+            pq.write_table(table, path)
+            self.client.log_artifact(self.run_id, str(path), "predictions")
 
     def finish(self, results: dict[str, Any], ray_checkpoint: str | None) -> None:
         """Final artifacts: accuracy matrix (CSV, Parquet, heatmap), forgetting curves, results."""

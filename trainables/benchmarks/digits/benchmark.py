@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,8 +92,19 @@ class DigitsBenchmark:
         }
         row = [answers[index].constrained if index in answers else math.nan for index in range(len(self.config.tasks))]
         open_row = [answers[index].open if index in answers else math.nan for index in range(len(self.config.tasks))]
+        word = self.builder.words.id_to_word.get
+        predictions: dict[str, Any] = {
+            "answers": {
+                "task": [self.config.tasks[i] for i, a in answers.items() for _ in a.targets],
+                "sample": [n for a in answers.values() for n in range(len(a.targets))],
+                "target": [word(t) for a in answers.values() for t in a.targets],
+                "prediction": [word(p) for a in answers.values() for p in a.predicted],
+                "open_prediction": [word(p, "<code>") for a in answers.values() for p in a.open_predicted],
+            }
+        }
         if not generation:
-            return row, {"accuracy": math.nan, "frechet": math.nan, "nll": math.nan, "open_accuracy": open_row}
+            scores = {"accuracy": math.nan, "frechet": math.nan, "nll": math.nan, "open_accuracy": open_row}
+            return row, {**scores, "predictions": predictions}
         scores = generation_scores(
             model,
             self.builder,
@@ -104,7 +115,9 @@ class DigitsBenchmark:
             self.config.eval.gen_temperature,
             seed=self.config.seed * 1000 + stage,
         )
-        return row, {**asdict(scores), "open_accuracy": open_row}
+        predictions["generation"] = {"prompted": scores.prompted, "recognized": scores.recognized}
+        summary = {"accuracy": scores.accuracy, "frechet": scores.frechet, "nll": scores.nll}
+        return row, {**summary, "open_accuracy": open_row, "predictions": predictions}
 
 
 def task_file(config: RunConfig, work_dir: Path) -> Path:

@@ -9,7 +9,7 @@ real test images in its hidden-layer feature space (our FID).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,10 @@ IMAGE_TOKENS = 64
 class AnswerScores:
     constrained: float  # the most likely of the task's own answers is the reference answer
     open: float  # the most likely text token of the whole vocabulary is the reference answer
+    # per sample, in test-set order (token ids): the reference answer and the two predictions
+    targets: list[int] = field(default_factory=list)
+    predicted: list[int] = field(default_factory=list)
+    open_predicted: list[int] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -53,7 +57,9 @@ def answer_accuracy(
     text_vocab = ~builder.ids.codebook_mask()
     answer_set = torch.zeros_like(text_vocab)
     answer_set[answer_ids if answer_ids is not None else text_vocab.nonzero().squeeze(-1)] = True
-    constrained = open_vocabulary = 0
+    targets: list[int] = []
+    predicted: list[int] = []
+    open_predicted: list[int] = []
     device = _device(model)
     for start in range(0, len(sequences), 256):
         chunk = sequences[start : start + 256]
@@ -63,10 +69,13 @@ def answer_accuracy(
         logits = causal_lm_logits(model, ids.to(device), mask.to(device))
         last = (mask.sum(1) - 1).to(device)
         final = logits[torch.arange(len(prompts), device=device), last]
-        answers = torch.tensor([s[a] for s, a in zip(chunk, starts, strict=True)])
-        constrained += int((_argmax_within(final, answer_set).cpu() == answers).sum())
-        open_vocabulary += int((_argmax_within(final, text_vocab).cpu() == answers).sum())
-    return AnswerScores(constrained / len(sequences), open_vocabulary / len(sequences))
+        targets += [s[a] for s, a in zip(chunk, starts, strict=True)]
+        predicted += _argmax_within(final, answer_set).cpu().tolist()
+        open_predicted += _argmax_within(final, text_vocab).cpu().tolist()
+    constrained = sum(p == t for p, t in zip(predicted, targets, strict=True))
+    open_vocabulary = sum(p == t for p, t in zip(open_predicted, targets, strict=True))
+    n = len(sequences)
+    return AnswerScores(constrained / n, open_vocabulary / n, targets, predicted, open_predicted)
 
 
 def _argmax_within(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -176,6 +185,8 @@ class GenerationScores:
     accuracy: float  # reference classifier agrees with the prompted digit
     frechet: float  # Fréchet distance to real test images in classifier feature space
     nll: float  # image-token NLL of real test images
+    prompted: list[int] = field(default_factory=list)  # per generated image: the digit asked for
+    recognized: list[int] = field(default_factory=list)  # and the reference classifier's reading
 
 
 def generation_scores(
@@ -196,9 +207,11 @@ def generation_scores(
         np.asarray([builder.image_span(img)[1:-1] for img in real_test_images], dtype=np.int64)
     )
     with single_threaded_blas():
-        accuracy = reference.accuracy(pixels, np.asarray(digits))
+        recognized = reference.predict(pixels)
         frechet = frechet_distance(reference.features(pixels), reference.features(real))
-    return GenerationScores(accuracy=accuracy, frechet=frechet, nll=image_nll(model, test_generation, builder))
+    accuracy = float((recognized == np.asarray(digits)).mean())
+    nll = image_nll(model, test_generation, builder)
+    return GenerationScores(accuracy, frechet, nll, digits, [int(d) for d in recognized])
 
 
 def single_threaded_blas():
