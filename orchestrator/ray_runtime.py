@@ -24,6 +24,13 @@ DRIVER_RESOURCE = "TRAIN_DRIVER"
 # Ray reads it when it is imported, so it is set before that; a cluster join leaves it alone.
 LOOPBACK_ONLY_ENV = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+# What a local run still listens on beyond loopback: process kind (its name as `ps` shows it) → the
+# `resources.num_workers` from which it does. Only torch.distributed's c10d TCPStore on the rank-0
+# Train worker is left: torch 2.13 binds it to `::` whatever host it is given, and one-worker runs
+# (every default) start no process group. RELIABILITY.md ("Network exposure of a local run") names
+# exactly these kinds; tests/test_loopback.py fails on a wide listener of any other process.
+WIDE_LISTENERS: dict[str, int] = {"ray::RayTrainWorker": 2}
+
 
 def prefer_loopback() -> None:
     """Make a local Ray started by this process listen on loopback only. Call it before Ray is

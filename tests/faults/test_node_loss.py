@@ -27,9 +27,12 @@ def test_losing_the_workers_node_mid_sequence_resumes_on_a_new_node(tmp_path):
     subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True, check=False)
     work_dir, storage, out = tmp_path / "work", tmp_path / "storage", tmp_path / "out"
     expected = run_sequence(load_run_config(None, MICRO), work_dir, None, log=lambda _: None)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"TRAIN_DRIVER": 1}})
+    loopback = {"node_ip_address": "127.0.0.1"}  # its nodes listen and are reached on loopback only
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"TRAIN_DRIVER": 1}, **loopback}
+    )
     try:
-        doomed = cluster.add_node(num_cpus=1)
+        doomed = cluster.add_node(num_cpus=1, **loopback)
         cluster.wait_for_nodes()
         command = [MODE_CL, "run", "--work-dir", str(work_dir), "--name", "nodeloss", "--storage", str(storage)]
         command += ["--out", str(out), "--address", cluster.address]
@@ -45,7 +48,7 @@ def test_losing_the_workers_node_mid_sequence_resumes_on_a_new_node(tmp_path):
             time.sleep(0.2)
         assert first_task.exists(), (tmp_path / "run.log").read_text()[-3000:]
         cluster.remove_node(doomed, allow_graceful=False)  # the node dies with the worker on it
-        cluster.add_node(num_cpus=1)  # its replacement joins
+        cluster.add_node(num_cpus=1, **loopback)  # its replacement joins
         assert process.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
         assert "resuming from checkpoint ckpt_t01_s000000" in (tmp_path / "run.log").read_text()  # on the new node
         results = json.loads((out / "results.json").read_text())
