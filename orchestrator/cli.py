@@ -176,7 +176,8 @@ def _report(args: argparse.Namespace) -> int:
     if args.recompute:
         from orchestrator.report import recompute_report
 
-        return recompute_report(args.sweep)
+        is_path = Path(args.sweep).exists()
+        return recompute_report(args.sweep if is_path else find_sweep(args.sweep, _storage(args)))
     collection = not args.cluster and is_results_collection(args.sweep)  # runs' results, always grouped
     grouping = collection or args.group_by is not None or args.baseline is not None or args.half_width is not None
     if args.format in set(GROUPED_FORMATS) - {"table", "json", "parquet"} and not grouping:

@@ -43,7 +43,7 @@ def ray_cleanup():
     ray.shutdown()
 
 
-def test_asha_stops_trials_after_a_task_and_frees_their_resources(tmp_path, ray_cleanup):
+def test_asha_stops_trials_after_a_task_and_frees_their_resources(tmp_path, ray_cleanup, capsys):
     import ray
 
     (tmp_path / "micro.yaml").write_text(MICRO_RUN)
@@ -54,6 +54,11 @@ def test_asha_stops_trials_after_a_task_and_frees_their_resources(tmp_path, ray_
     by_lr = {r["config.train.lr"]: r["tasks_done"] for r in rows}
     assert by_lr[0.001] == 3, by_lr  # the good trial runs the whole sequence
     assert by_lr[0.1] == 1, by_lr  # ASHA cut the first bad one at the first rung
+    # the trials that finished kept their predictions, and every logged metric recomputes from them
+    from orchestrator.report import recompute_report
+
+    assert recompute_report(tmp_path / "sweeps" / "asha") == 0
+    assert "0.001" in next((tmp_path / "sweeps" / "asha").glob("lr0.001_*")).name  # readable trial directories
     deadline = time.monotonic() + 60
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
         time.sleep(1)

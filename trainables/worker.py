@@ -85,13 +85,16 @@ class RayCheckpointer:
         self.log, self.tracker, self.tasks = log, tracker, list(tasks)
         self.run_dir = Path(run_dir) if run_dir else None
         self._download = None
+        self.final_progress: Progress | None = None  # the last one saved
 
     def restore(self) -> LoadedCheckpoint | None:
         # On a filesystem, every complete checkpoint is in the run directory, verified by its
         # manifest. Ray may not have registered the newest one if the worker died right after
         # writing it, so the directory, not get_checkpoint(), decides.
         if self.run_dir is not None and list_checkpoints(self.run_dir):
-            return latest_good(list_checkpoints(self.run_dir), warn=lambda m: self.log(f"warning: {m}"))
+            loaded = latest_good(list_checkpoints(self.run_dir), warn=lambda m: self.log(f"warning: {m}"))
+            self.final_progress = loaded.progress if loaded is not None else None
+            return loaded
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
@@ -104,6 +107,7 @@ class RayCheckpointer:
         return latest_good(candidates, warn=lambda m: self.log(f"warning: {m}"))
 
     def save(self, progress: Progress, save_adapter, optimizer_state, metrics: dict[str, Any]) -> None:
+        self.final_progress = progress
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.rank == 0:
@@ -160,18 +164,20 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             config.to_dict(),
             target.checkpoints,
         )
+    checkpointer = RayCheckpointer(log, loop.run_dir, tracker, config.tasks)
     results = run_sequence(
-        config,
-        Path(loop.work_dir),
-        out_dir=None,
-        log=log,
-        checkpointer=RayCheckpointer(log, loop.run_dir, tracker, config.tasks),
-        on_step=_fault_hook(),
+        config, Path(loop.work_dir), out_dir=None, log=log, checkpointer=checkpointer, on_step=_fault_hook()
     )
     profile = results["profile"]
     if loop.submitted_at is not None:
         # Ray Train worker-group start + imports, as seen from this attempt (restarts included).
         profile["seconds"]["worker_start"] = round(profile["started_at"] - loop.submitted_at, 3)
+    if loop.run_dir is not None and rank == 0:  # beside the checkpoints: `mode-cl report --recompute` reads them
+        from trainables.results import write_predictions, write_results
+
+        write_results(results, Path(loop.run_dir))
+        if checkpointer.final_progress is not None:
+            write_predictions(checkpointer.final_progress, Path(loop.run_dir))
     if tracker is not None:
         final = Path(loop.run_dir) / f"ckpt_t{len(config.tasks):02d}_s000000" if loop.run_dir else None
         tracker.finish(results, str(final) if final else None)
