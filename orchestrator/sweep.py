@@ -40,6 +40,7 @@ from orchestrator.sweep_tracking import (
     TrackingChoice,
     create_parent_run,
     finish_parent_run,
+    log_grouped,
     parent_run_reopener,
     parent_status_on_failure,
     tracking_and_ray,
@@ -134,8 +135,9 @@ def _search(space: SweepSpace):
     return BasicVariantGenerator(random_state=0, max_concurrent=space.max_concurrent_trials)
 
 
-def progress_callback(total: int, metric: str, mode: str):
-    """Live progress: trials done / running and the best objective so far, one line per event.
+def progress_callback(total: int, metric: str, mode: str, parent: ParentRun | None = None):
+    """Live progress: trials done / running and the best objective so far, one line per event;
+    with a parent run, its grouped table and plots refreshed as each trial finishes.
     (Tune pickles its callbacks with the experiment state, so this holds no console object.)"""
     from ray.tune import Callback
 
@@ -143,6 +145,7 @@ def progress_callback(total: int, metric: str, mode: str):
         def __init__(self) -> None:
             self.best: tuple[float, str] | None = None
             self.ended: set[str] = set()
+            self.completed: set[str] = set()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if result.get("step", 0) == 0 and result.get("tasks_done", 0) > 0:  # a task just ended
@@ -156,7 +159,14 @@ def progress_callback(total: int, metric: str, mode: str):
             ):
                 self.best = (value, trial.trial_id)
             self.ended.add(trial.trial_id)
+            self.completed.add(trial.trial_id)
             self._print(trials)
+            if parent is not None:
+                finished = [trial_row(t) | {"status": "TERMINATED"} for t in trials if t.trial_id in self.completed]
+                try:  # a refresh only: the final table is logged when the sweep finishes
+                    log_grouped(parent, finished, final=False)
+                except Exception as error:  # an unreachable server must not stop the sweep
+                    print(f"[sweep] grouped table not refreshed on the parent run: {type(error).__name__}: {error}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.ended.add(trial.trial_id)
@@ -215,7 +225,7 @@ def _tuner(space: SweepSpace, context: DriverContext, storage: str, restore_path
             name=space.name,
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=1),
-            callbacks=[progress_callback(space.size, space.objective_metric, space.objective_mode)],
+            callbacks=[progress_callback(space.size, space.objective_metric, space.objective_mode, context.parent)],
         ),
     )
 
@@ -347,6 +357,15 @@ TRIAL_METRICS = (
 )
 
 
+def trial_row(trial: Any) -> dict[str, Any]:
+    """One Tune trial as a row: id, status, its overrides as ``config.<key>``, its last metrics."""
+    metrics = trial.last_result or {}
+    overrides = {**trial.config.get("trial", {}), **trial.config.get("sampled", {})}
+    row = {"trial_id": trial.trial_id, "status": trial.status}
+    row |= {f"config.{k}": (",".join(v) if isinstance(v, list) else v) for k, v in overrides.items()}
+    return row | {key: metrics.get(key) for key in TRIAL_METRICS}
+
+
 def trial_table(directory: Path) -> Rows:
     """Every trial: id, status, its overrides and its last reported metrics (from Tune's files)."""
     from ray.tune import ExperimentAnalysis
@@ -359,15 +378,7 @@ def trial_table(directory: Path) -> Rows:
 
         space = load_space(record["space"])
         metric, mode = space.objective_metric, space.objective_mode
-    rows = []
-    for trial in ExperimentAnalysis(str(directory)).trials:
-        metrics = trial.last_result or {}
-        overrides = {**trial.config.get("trial", {}), **trial.config.get("sampled", {})}
-        row = {"trial_id": trial.trial_id, "status": trial.status}
-        row |= {f"config.{k}": (",".join(v) if isinstance(v, list) else v) for k, v in overrides.items()}
-        for key in TRIAL_METRICS:
-            row[key] = metrics.get(key)
-        rows.append(row)
+    rows = [trial_row(trial) for trial in ExperimentAnalysis(str(directory)).trials]
     missing = float("-inf") if mode == "max" else float("inf")
     rows.sort(key=lambda r: r[metric] if r[metric] is not None else missing, reverse=mode == "max")
     return rows

@@ -9,6 +9,9 @@ understanding-vs-generation Pareto plot, and the best trial's adapter in the mod
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -132,8 +135,58 @@ def parent_run_reopener(parent: ParentRun | None) -> Callable[[], None]:
     return lambda: client.update_run(run_id, status="RUNNING")
 
 
+GROUPED_METRICS = ("avg_acc", "forgetting", "gen_acc", "inter_modal_forgetting")
+
+
+def log_grouped(parent: ParentRun, rows: list[dict[str, Any]], final: bool) -> None:
+    """The sweep's grouped table (``mode-cl report --group-by``'s default grouping: every swept key
+    but the seed) as ``groups/groups.md`` and ``groups/groups.parquet``, and ``groups/groups.png``
+    (each metric per group, mean with its 95 % t interval as error bar), on the parent run; a
+    refresh as trials finish replaces the previous one, and ``final`` marks the last."""
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.report import render_grouped
+
+    done = [r for r in rows if r.get("status") == "TERMINATED" and r.get("avg_acc") is not None]
+    if not done:
+        return
+    client = MlflowClient(parent.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        out = Path(tmp)
+        render_grouped(done, [], None, None, "markdown", str(out / "groups.md"), out)
+        render_grouped(done, [], None, None, "parquet", str(out / "groups.parquet"), out)
+        render_grouped(done, [], None, None, "json", str(out / "groups.json"), out)
+        records = [r for r in json.loads((out / "groups.json").read_text()) if r["kind"] == "group"]
+        (out / "groups.json").unlink()
+        keys = [k for k in records[0] if k.startswith("config.")]
+        labels = [" ".join(str(r[k]) for k in keys) or "all" for r in records]
+        figure, axes = plt.subplots(
+            1, len(GROUPED_METRICS), figsize=(3.2 * len(GROUPED_METRICS), 0.3 * len(records) + 2)
+        )
+        for axis, metric in zip(axes, GROUPED_METRICS, strict=True):
+            means = [r.get(metric) for r in records]
+            halves = [r.get(f"{metric}_ci") for r in records]
+            halves = [h if h is not None and h == h else 0.0 for h in halves]  # NaN: one run, no interval
+            axis.barh(range(len(records)), [m if m is not None else 0.0 for m in means], xerr=halves, capsize=3)
+            axis.set_yticks(range(len(records)), labels if axis is axes[0] else [""] * len(records), fontsize=7)
+            axis.set_title(metric, fontsize=9)
+        status = "final" if final else f"{len(done)} trials so far"
+        figure.suptitle(f"mean ± 95 % t interval per group ({status})", fontsize=9)
+        figure.tight_layout()
+        figure.savefig(out / "groups.png", dpi=100)
+        plt.close(figure)
+        client.log_artifacts(parent.parent_run_id, tmp, "groups")
+
+
 def finish_parent_run(parent: ParentRun, rows: list[dict[str, Any]], sweep: str, log: Log) -> None:
     """The summary artifacts, the best trial's registered adapter, and status FINISHED."""
+    log_grouped(parent, rows, final=True)
     _log_summary(parent, rows)
     registered = _register_best(parent, rows, sweep)
     if registered:

@@ -248,3 +248,23 @@ def test_compare_a_sweep_with_a_collection(tmp_path, monkeypatch, capsys):
     assert main(["compare", str(tmp_path / "sweep"), str(tmp_path / "one.jsonl")]) == 2
     err = capsys.readouterr().err  # the collection's config is not the sweep space's: say which field
     assert "--allow-diff" in err and "sweep and one differ in" in err
+
+
+def test_the_parent_run_gets_the_grouped_table_and_plot(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.sweep_tracking import ParentRun, log_grouped
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(experiment).info.run_id
+    rows = [{**r, "gen_acc": 0.5, "inter_modal_forgetting": 0.4} for r in TRIALS]
+    log_grouped(ParentRun(uri, experiment, run), rows, final=True)
+    assert {a.path for a in client.list_artifacts(run, "groups")} == {
+        "groups/groups.md",
+        "groups/groups.parquet",
+        "groups/groups.png",
+    }
+    table = (tmp_path / "artifacts" / run / "artifacts" / "groups" / "groups.md").read_text()
+    assert "grouped by method.name, tasks" in table and "| mode | a,b | 2 | 0.700 ± 1.271 |" in table

@@ -121,7 +121,7 @@ def test_sweep_survives_a_killed_worker_and_an_mlflow_outage_with_nothing_lost(t
         assert version.run_id == next(c.info.run_id for c in children if c.data.tags["trial_id"] == best)
         assert version.source.endswith("checkpoints/task_02")
         parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
-        assert {"trials.parquet", "trials.csv", "pareto.png", "faults.yaml"} <= parent_artifacts
+        assert {"trials.parquet", "trials.csv", "pareto.png", "faults.yaml", "groups"} <= parent_artifacts
         # a logged task checkpoint loads into a freshly attached model
         local = client.download_artifacts(children[0].info.run_id, "checkpoints/task_02", str(tmp_path / "download"))
         base_dir = next((work_dir / "base").iterdir())
