@@ -73,6 +73,10 @@ def tracking_and_ray(
         return body(local_uri)
 
 
+# The MLflow UI (3.x) opens an experiment in its GenAI view unless this tag says otherwise.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 def create_parent_run(tracking_uri: str, space_path: Path, sweep_name: str) -> ParentRun:
     """The sweep's experiment (by name) and a new parent run holding the space file."""
     import ray
@@ -84,6 +88,8 @@ def create_parent_run(tracking_uri: str, space_path: Path, sweep_name: str) -> P
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(sweep_name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(sweep_name)
+    if experiment is None or EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind set by the user stays
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     tags = {"sweep": sweep_name, "mode_cl_version": __version__, "ray": ray.__version__, "torch": torch.__version__}
     tags["git_commit"] = _git_commit()
     parent = client.create_run(experiment_id, run_name=f"{sweep_name} (sweep)", tags=tags)

@@ -268,3 +268,20 @@ def test_the_parent_run_gets_the_grouped_table_and_plot(tmp_path):
     }
     table = (tmp_path / "artifacts" / run / "artifacts" / "groups" / "groups.md").read_text()
     assert "grouped by method.name, tasks" in table and "| mode | a,b | 2 | 0.700 ± 1.271 |" in table
+
+
+def test_a_sweeps_experiment_opens_in_the_model_training_view(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # the store's default artifact root is ./mlruns
+    from orchestrator.sweep_tracking import EXPERIMENT_KIND_TAG, create_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = tmp_path / "space.yaml"
+    space.write_text("name: s\n")
+    parent = create_parent_run(uri, space, "s")
+    client = MlflowClient(uri)
+    assert client.get_experiment(parent.experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    client.set_experiment_tag(parent.experiment_id, EXPERIMENT_KIND_TAG, "genai_development")
+    create_parent_run(uri, space, "s")  # the user's choice on an existing experiment stays
+    assert client.get_experiment(parent.experiment_id).tags[EXPERIMENT_KIND_TAG] == "genai_development"
