@@ -389,6 +389,6 @@ def finish_sweep(directory: Path, tracking_uri: str | None, log: Log) -> Rows:
     record = read_record(directory)
     if tracking_uri and record.get("parent_run_id"):
         parent = ParentRun(tracking_uri, record["experiment_id"], record["parent_run_id"])
-        finish_parent_run(parent, rows, directory.name, log)
+        finish_parent_run(parent, rows, directory.name, log, directory / "train")
     log(f"sweep finished: {sum(r['status'] == 'TERMINATED' for r in rows)}/{len(rows)} trials completed")
     return rows

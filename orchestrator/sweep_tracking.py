@@ -144,7 +144,54 @@ def parent_run_reopener(parent: ParentRun | None) -> Callable[[], None]:
 GROUPED_METRICS = ("avg_acc", "forgetting", "gen_acc", "inter_modal_forgetting")
 
 
-def log_grouped(parent: ParentRun, rows: list[dict[str, Any]], final: bool) -> None:
+def _stage_curves(
+    records: list[dict[str, Any]], rows: list[dict[str, Any]], results: dict[str, dict], path: Path
+) -> bool:
+    """``groups_stages.png``: per group, the average accuracy over the tasks learned so far and the
+    generation accuracy after each stage, mean with its 95 % t band over the group's runs (from
+    each finished trial's ``results.json``). False when no trial has one."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from orchestrator.aggregate import group_key, t_interval
+
+    keys = [k for k in records[0] if k.startswith("config.")]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    drawn = False
+    for record in records:
+        mine = [r for r in rows if group_key(r, keys) == group_key(record, keys)]
+        members = [results[r["trial_id"]] for r in mine if r.get("trial_id") in results]
+        if not members:
+            continue
+        label = " ".join(str(record[k]) for k in keys) or "all"
+        stages = max(len(m["acc_matrix"]) for m in members)
+        for axis, value in (
+            (left, lambda m, k: float(np.mean(m["acc_matrix"][k][:k])) if 1 <= k < len(m["acc_matrix"]) else None),
+            (right, lambda m, k: m["gen_acc"][k] if k < len(m["gen_acc"]) else None),
+        ):
+            first = 1 if axis is left else 0
+            intervals = [t_interval(value(m, k) for m in members) for k in range(first, stages)]
+            x = list(range(first, stages))
+            mean = np.array([i.mean for i in intervals])
+            half = np.nan_to_num(np.array([i.half for i in intervals]))
+            line = axis.plot(x, mean, marker="o", label=label)[0]
+            axis.fill_between(x, mean - half, mean + half, alpha=0.2, color=line.get_color())
+            axis.set_xticks(x)
+        drawn = True
+    if drawn:
+        left.set(xlabel="tasks learned", ylabel="avg accuracy over learned tasks", title="understanding")
+        right.set(xlabel="tasks learned", ylabel="generation accuracy", title="generation")
+        left.legend(fontsize=7)
+        figure.suptitle("mean ± 95 % t band over each group's runs", fontsize=9)
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return drawn
+
+
+def log_grouped(
+    parent: ParentRun, rows: list[dict[str, Any]], final: bool, results: dict[str, dict] | None = None
+) -> None:
     """The sweep's grouped table (``mode-cl report --group-by``'s default grouping: every swept key
     but the seed) as ``groups/groups.md`` and ``groups/groups.parquet``, and ``groups/groups.png``
     (each metric per group, mean with its 95 % t interval as error bar), on the parent run; a
@@ -187,12 +234,22 @@ def log_grouped(parent: ParentRun, rows: list[dict[str, Any]], final: bool) -> N
         figure.tight_layout()
         figure.savefig(out / "groups.png", dpi=100)
         plt.close(figure)
+        if results:
+            _stage_curves(records, done, results, out / "groups_stages.png")
         client.log_artifacts(parent.parent_run_id, tmp, "groups")
 
 
-def finish_parent_run(parent: ParentRun, rows: list[dict[str, Any]], sweep: str, log: Log) -> None:
-    """The summary artifacts, the best trial's registered adapter, and status FINISHED."""
-    log_grouped(parent, rows, final=True)
+def finish_parent_run(
+    parent: ParentRun, rows: list[dict[str, Any]], sweep: str, log: Log, train_dir: Path | None = None
+) -> None:
+    """The summary artifacts, the best trial's registered adapter, and status FINISHED.
+    ``train_dir``: where the trials' Train runs keep their ``results.json`` (per-stage curves)."""
+    results = {}
+    for row in rows if train_dir is not None else []:
+        file = Path(train_dir) / f"train-{row['trial_id']}" / "results.json"
+        if file.is_file():
+            results[row["trial_id"]] = json.loads(file.read_text())
+    log_grouped(parent, rows, final=True, results=results)
     _log_summary(parent, rows)
     registered = _register_best(parent, rows, sweep)
     if registered:

@@ -260,11 +260,15 @@ def test_the_parent_run_gets_the_grouped_table_and_plot(tmp_path):
     experiment = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
     run = client.create_run(experiment).info.run_id
     rows = [{**r, "gen_acc": 0.5, "inter_modal_forgetting": 0.4} for r in TRIALS]
-    log_grouped(ParentRun(uri, experiment, run), rows, final=True)
+    per_trial = {
+        r["trial_id"]: {"acc_matrix": [[0.5, 0.5], [0.9, 0.4], [0.6, 0.8]], "gen_acc": [0.9, 0.7, 0.5]} for r in TRIALS
+    }
+    log_grouped(ParentRun(uri, experiment, run), rows, final=True, results=per_trial)
     assert {a.path for a in client.list_artifacts(run, "groups")} == {
         "groups/groups.md",
         "groups/groups.parquet",
         "groups/groups.png",
+        "groups/groups_stages.png",
     }
     table = (tmp_path / "artifacts" / run / "artifacts" / "groups" / "groups.md").read_text()
     assert "grouped by method.name, tasks" in table and "| mode | a,b | 2 | 0.700 ± 1.271 |" in table
