@@ -136,6 +136,7 @@ def _tracking(args: argparse.Namespace):
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from orchestrator.ray_runtime import set_verbose
     from orchestrator.report import print_trials, wide_console
     from orchestrator.space import load_space
     from orchestrator.sweep import start_sweep
@@ -148,6 +149,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
         return sweep_on_cluster(load_cluster(args.cluster), Path(args.space), space.name)
     console = wide_console()
+    set_verbose(args.verbose)
     rows = start_sweep(space, Path(args.work_dir), _storage(args), _tracking(args), args.address, console.print)
     print_trials(rows, space.objective_metric, console)
     console.print("browse the results: mode-cl ui")
@@ -155,6 +157,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
+    from orchestrator.ray_runtime import set_verbose
     from orchestrator.report import print_trials, wide_console
     from orchestrator.sweep import resume
 
@@ -163,6 +166,7 @@ def _resume(args: argparse.Namespace) -> int:
 
         return resume_on_cluster(load_cluster(args.cluster), args.sweep)
     console = wide_console()
+    set_verbose(args.verbose)
     rows = resume(args.sweep, _storage(args), _tracking(args), args.address, console.print)
     print_trials(rows, "avg_acc", console)
     return 0
@@ -314,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
         sub.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR, help="data/model/MLflow store")
         sub.add_argument("--cluster", type=Path, help="run the driver on the head of this `ray up` cluster")
+        sub.add_argument(
+            "--verbose", action="store_true", help="Ray's and the workers' log lines here (default: a table)"
+        )
 
     sweep = commands.add_parser("sweep", help="run a Ray Tune sweep of task sequences, tracked in MLflow")
     sweep.add_argument("space", help="sweep space YAML")

@@ -40,6 +40,34 @@ def prefer_loopback() -> None:
         os.environ.setdefault(*LOOPBACK_ONLY_ENV)
 
 
+_OUTPUT = {"verbose": True}  # `mode-cl sweep` and `resume` set it from --verbose before Ray starts
+
+
+def set_verbose(verbose: bool) -> None:
+    """``--verbose``: Ray's, Tune's and the workers' own log lines on this terminal. Otherwise they
+    stay in Ray's log files (the session's ``logs`` folder) and a sweep shows its own table."""
+    _OUTPUT["verbose"] = verbose
+    if not verbose:
+        import logging
+
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new engine prints its frames even when silent
+        logging.getLogger("ray").setLevel(logging.ERROR)  # Ray's and Tune's notices stay in Ray's log files
+
+
+def is_verbose() -> bool:
+    return _OUTPUT["verbose"]
+
+
+def logs_dir() -> str | None:
+    """Where this process's Ray session writes its log files (None before Ray starts)."""
+    try:
+        from ray._private import worker
+
+        return worker._global_node.get_logs_dir_path() if worker._global_node is not None else None
+    except (ImportError, AttributeError):
+        return None
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join ``address`` or start a local Ray with the dashboard bound to 127.0.0.1 (the dashboard
     process is what frees the placement groups of stopped trials)."""
@@ -51,7 +79,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         _token_auth_for_explicit_address(address)
         with _sigterm_handler_kept():
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=is_verbose(), logging_level=_logging_level())
         return
     from ray._private import ray_constants
 
@@ -63,9 +91,16 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
             resources={DRIVER_RESOURCE: 1.0},
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            log_to_driver=True,
+            log_to_driver=is_verbose(),
+            logging_level=_logging_level(),
             **loopback,
         )
+
+
+def _logging_level() -> int:
+    import logging
+
+    return logging.INFO if is_verbose() else logging.WARNING
 
 
 @contextmanager

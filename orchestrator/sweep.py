@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -135,10 +136,15 @@ def _search(space: SweepSpace):
     return BasicVariantGenerator(random_state=0, max_concurrent=space.max_concurrent_trials)
 
 
-def progress_callback(total: int, metric: str, mode: str, parent: ParentRun | None = None):
+def progress_callback(
+    total: int, metric: str, mode: str, parent: ParentRun | None = None, tasks_per_trial: int = 0, live: bool = False
+):
     """Live progress: trials done / running and the best objective so far, one line per event;
-    with a parent run, its grouped table and plots refreshed as each trial finishes.
-    (Tune pickles its callbacks with the experiment state, so this holds no console object.)"""
+    with ``live`` (a terminal, without ``--verbose``) one table redrawn in place instead: each
+    trial's name (its swept values), status, tasks done / total, latest avg acc and gen acc,
+    elapsed and estimated remaining time. With a parent run, its grouped table and plots are
+    refreshed as each trial finishes. (Tune pickles its callbacks with the experiment state, so the
+    live display is created on first use and never pickled.)"""
     from ray.tune import Callback
 
     class Progress(Callback):
@@ -146,6 +152,15 @@ def progress_callback(total: int, metric: str, mode: str, parent: ParentRun | No
             self.best: tuple[float, str] | None = None
             self.ended: set[str] = set()
             self.completed: set[str] = set()
+            self._live = None
+
+        def __getstate__(self) -> dict:
+            return {**self.__dict__, "_live": None}
+
+        def on_experiment_end(self, trials, **info):
+            if self._live is not None:
+                self._live.stop()
+                self._live = None
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if result.get("step", 0) == 0 and result.get("tasks_done", 0) > 0:  # a task just ended
@@ -157,7 +172,7 @@ def progress_callback(total: int, metric: str, mode: str, parent: ParentRun | No
             if value is not None and (
                 self.best is None or (value > self.best[0] if mode == "max" else value < self.best[0])
             ):
-                self.best = (value, trial.trial_id)
+                self.best = (value, str(trial))
             self.ended.add(trial.trial_id)
             self.completed.add(trial.trial_id)
             self._print(trials)
@@ -177,11 +192,54 @@ def progress_callback(total: int, metric: str, mode: str, parent: ParentRun | No
 
             running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
             best = f"{metric} {self.best[0]:.3f} (trial {self.best[1]})" if self.best else "— (no trial finished yet)"
-            Console(soft_wrap=True).print(
-                f"[bold]\\[sweep][/] trials done {len(self.ended)}/{total}, running {running}, best so far: {best}"
-            )
+            line = f"[bold]\\[sweep][/] trials done {len(self.ended)}/{total}, running {running}, best so far: {best}"
+            if not live:
+                Console(soft_wrap=True).print(line)
+                return
+            if self._live is None:
+                from rich.live import Live
+
+                self._live = Live(auto_refresh=False, console=Console())
+                self._live.start()
+            self._live.update(live_table(trials, tasks_per_trial, line), refresh=True)
 
     return Progress()
+
+
+def _say_where_ray_logs(log: Log) -> None:
+    from orchestrator.ray_runtime import is_verbose, logs_dir
+
+    if not is_verbose() and logs_dir():
+        log(f"Ray's and the workers' log lines: {logs_dir()} (--verbose prints them here)")
+
+
+def live_table(trials: list[Any], tasks_per_trial: int, caption: str) -> Any:
+    """The sweep's live table: one row per trial (name, status, tasks done / total, latest avg acc
+    and gen acc, elapsed, and remaining time estimated from its seconds per task so far)."""
+    from rich.table import Table
+
+    table = Table(caption=caption, caption_justify="left")
+    for header in ("trial", "status", "tasks", "avg acc", "gen acc", "elapsed", "remaining"):
+        table.add_column(header, justify="left" if header in ("trial", "status") else "right")
+    for trial in trials:
+        result = trial.last_result or {}
+        total = len(trial.config.get("trial", {}).get("tasks") or []) or tasks_per_trial
+        done = result.get("tasks_done") or 0
+        elapsed = result.get("time_total_s")
+        remaining = "—"
+        if trial.status == "RUNNING" and elapsed and done:
+            remaining = _clock(elapsed / done * (total - done))
+        elif trial.status == "TERMINATED":
+            remaining = "0:00"
+        cells = [str(trial), trial.status, f"{done}/{total}"]
+        cells += [f"{result[k]:.3f}" if isinstance(result.get(k), float) else "—" for k in ("avg_acc", "gen_acc")]
+        table.add_row(*cells, _clock(elapsed) if elapsed else "—", remaining)
+    return table
+
+
+def _clock(seconds: float) -> str:
+    minutes, second = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{second:02d}" if minutes >= 60 else f"{minutes}:{second:02d}"
 
 
 def _context(space: SweepSpace, work_dir: Path, storage: str, parent: ParentRun | None) -> DriverContext:
@@ -193,7 +251,7 @@ def _tuner(space: SweepSpace, context: DriverContext, storage: str, restore_path
     import ray
     from ray import tune
 
-    from orchestrator.ray_runtime import DRIVER_RESOURCE
+    from orchestrator.ray_runtime import DRIVER_RESOURCE, is_verbose
 
     if not ray.cluster_resources().get(DRIVER_RESOURCE):
         raise SweepError(
@@ -217,15 +275,24 @@ def _tuner(space: SweepSpace, context: DriverContext, storage: str, restore_path
             metric=space.objective_metric,
             mode=space.objective_mode,
             scheduler=_scheduler(space),
-            search_alg=_search(space),
+            search_alg=_search(space),  # it holds the concurrency limit (max_concurrent_trials)
             num_samples=space.num_samples,
-            max_concurrent_trials=space.max_concurrent_trials,
         ),
         run_config=tune.RunConfig(
             name=space.name,
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=1),
-            callbacks=[progress_callback(space.size, space.objective_metric, space.objective_mode, context.parent)],
+            callbacks=[
+                progress_callback(
+                    space.size,
+                    space.objective_metric,
+                    space.objective_mode,
+                    context.parent,
+                    len(space.configs[0].tasks),
+                    live=not is_verbose() and sys.stdout.isatty(),
+                )
+            ],
+            verbose=1 if is_verbose() else 0,
         ),
     )
 
@@ -292,6 +359,7 @@ def _run_new_sweep(
     log(f"sweep {space.name}: {space.size} trials, {space.max_concurrent_trials} at a time, storage {directory}")
     with parent_status_on_failure(parent):
         init_ray(address)
+        _say_where_ray_logs(log)
         fit_or_interrupt(_tuner(space, _context(space, work_dir, storage, parent), storage))
     return finish_sweep(directory, tracking_uri, log)
 
@@ -339,6 +407,7 @@ def resume_sweep(sweep: RestoredSweep, tracking_uri: str | None, log: Log) -> Ro
     """Finish a sweep that :func:`restore_sweep` restored: trials that were done stay done, the
     others go on from their newest checkpoint, logging into their existing MLflow child runs."""
     with parent_status_on_failure(sweep.parent):
+        _say_where_ray_logs(log)
         fit_or_interrupt(sweep.tuner)
     return finish_sweep(sweep.directory, tracking_uri, log)
 

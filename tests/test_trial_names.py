@@ -32,3 +32,25 @@ def test_names_that_could_repeat_carry_the_trial_index():
     # an order the space does not list is named by its first task; other keys by their last part
     other = TrialNamer.for_trials([{"tasks": ["a", "b"]}], 1, False)
     assert other.label({"tasks": ["b", "a"], "train.epochs": 3}, {}) == "from-b epochs=3"
+
+
+def test_the_live_table_shows_progress_and_remaining_time():
+    import io
+
+    from rich.console import Console
+
+    from orchestrator.sweep import live_table
+
+    running = SimpleNamespace(
+        config={"trial": {"method.r": 8}},
+        status="RUNNING",
+        last_result={"tasks_done": 2, "avg_acc": 0.61, "gen_acc": 0.9, "time_total_s": 130.0},
+    )
+    waiting = SimpleNamespace(config={"trial": {"method.r": 4}}, status="PENDING", last_result=None)
+    table = live_table([running, waiting], tasks_per_trial=5, caption="[sweep] trials done 0/2")
+    console = Console(file=io.StringIO(), width=160)
+    console.print(table)
+    text = console.file.getvalue()
+    # 130 s for 2 tasks → 65 s per task → 3 more tasks ≈ 3:15
+    assert "2/5" in text and "0.610" in text and "2:10" in text and "3:15" in text
+    assert "0/5" in text and "PENDING" in text and "trials done 0/2" in text

@@ -83,7 +83,7 @@ def test_sweep_survives_a_killed_worker_and_an_mlflow_outage_with_nothing_lost(t
     server.start()
     work_dir, storage = tmp_path / "work", tmp_path / "sweeps"
     command = [MODE_CL, "sweep", str(space), "--work-dir", str(work_dir), "--storage", str(storage)]
-    command += ["--tracking-uri", server.uri, "--address", address]
+    command += ["--tracking-uri", server.uri, "--address", address, "--verbose"]  # workers' lines too
     log_path, sweep = tmp_path / "sweep.log", None
     try:
         with log_path.open("w") as log:
