@@ -28,20 +28,10 @@ def _column_value(value: Any) -> Any:
     return ",".join(value) if isinstance(value, list) else value
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def source_rows(name: str, storage: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """A source's finished rows (``config.<key>`` columns for its swept keys, plus seed and tasks)
     and its fixed config, flattened to dotted keys."""
-    from orchestrator.report import is_results_collection, result_rows
+    from orchestrator.report import flatten_config, is_results_collection, result_rows
 
     if is_results_collection(name):
         import json
@@ -49,7 +39,7 @@ def source_rows(name: str, storage: str) -> tuple[list[dict[str, Any]], dict[str
         path = Path(name)
         files = sorted(path.rglob("results.json")) if path.is_dir() else None
         lines = [f.read_text() for f in files] if files else path.read_text().splitlines()
-        configs = [_flatten(json.loads(line)["config"]) for line in lines if line.strip()]
+        configs = [flatten_config(json.loads(line)["config"]) for line in lines if line.strip()]
         rows = result_rows(name)
         fixed = {k: v for k, v in configs[0].items() if all(repr(c.get(k)) == repr(v) for c in configs)}
     else:
@@ -62,8 +52,8 @@ def source_rows(name: str, storage: str) -> tuple[list[dict[str, Any]], dict[str
         if not Path(space_file).is_file():
             raise ConfigError(name, f"its sweep space {space_file} is gone: compare needs it for the fixed config")
         space = load_space(space_file)
-        swept = {k for trial in space.trials for k in _flatten(trial)} | set(space.distributions)
-        full = _flatten(space.configs[0].to_dict())
+        swept = {k for trial in space.trials for k in flatten_config(trial)} | set(space.distributions)
+        full = flatten_config(space.configs[0].to_dict())
         fixed = {k: v for k, v in full.items() if k not in swept}
         rows = trial_table(directory)
     for key in ("seed", "tasks"):  # runs pair on these, swept or not

@@ -185,7 +185,7 @@ def result_rows(path) -> list[dict[str, Any]]:
         raise ConfigError(str(path), f"not a results collection: {type(error).__name__}: {error}") from None
     if not results or not all(isinstance(r, dict) and "config" in r and "acc_matrix" in r for r in results):
         raise ConfigError(str(path), "no results.json records (with config and acc_matrix) in it")
-    flat = [_flatten(r["config"]) for r in results]
+    flat = [flatten_config(r["config"]) for r in results]
     varying = [
         k
         for k in dict.fromkeys(k for f in flat for k in f)
@@ -217,11 +217,12 @@ def result_rows(path) -> list[dict[str, Any]]:
     return [*bases.values(), *rows]
 
 
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys (``method.r``)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
+            flat |= flatten_config(value, f"{prefix}{key}.")
         else:
             flat[f"{prefix}{key}"] = value
     return flat
