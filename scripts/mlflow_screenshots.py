@@ -57,6 +57,8 @@ def main() -> None:
         )
         parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
         shoot(f"{base}/runs/{parent.info.run_id}/artifacts/pareto.png", out / "mlflow_sweep_pareto.png", profile)
+        groups = f"{base}/runs/{parent.info.run_id}/artifacts/groups/groups_stages.png"
+        shoot(groups, out / "mlflow_sweep_groups.png", profile)
         children = [r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         ids = ",".join(f"%22{run_id}%22" for run_id in children)
         compare = f"{uri}/#/compare-runs?runs=[{ids}]&experiments=[%22{experiment.experiment_id}%22]"

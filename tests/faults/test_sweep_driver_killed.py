@@ -62,8 +62,8 @@ def test_killed_sweep_driver_resumes_to_the_uninterrupted_results(tmp_path):
         assert changed.returncode == 2 and "changed since sweep 'killed' started" in changed.stderr, changed.stderr
         assert "0.3 → 0.5" in changed.stderr and len(changed.stderr.strip().splitlines()) == 1
         space.write_text(original)
-        result = subprocess.run(
-            [MODE_CL, "resume", "killed", *common], capture_output=True, text=True, timeout=600, env=env
+        result = subprocess.run(  # --verbose: the workers' own lines, checked below, reach this output
+            [MODE_CL, "resume", "killed", *common, "--verbose"], capture_output=True, text=True, timeout=600, env=env
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         # Each worker's closing line reaches the driver once (Train V2's print patch used to tee it).

@@ -110,6 +110,10 @@ def test_sweep_survives_a_killed_worker_and_an_mlflow_outage_with_nothing_lost(t
 
         # Everything a clean sweep records is there too.
         assert all(c.data.params["task_order"] == "parity > bigsmall" for c in children)
+        assert sorted(c.info.run_name for c in children) == [f"λ{w} s0" for w in KD_WEIGHTS]  # readable names
+        for child in children:  # every stage's per-sample predictions
+            logged_predictions = {a.path for a in client.list_artifacts(child.info.run_id, "predictions")}
+            assert logged_predictions == {f"predictions/stage_{k:02d}.parquet" for k in range(3)}
         for child in children:
             artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
             assert {"acc_matrix.csv", "acc_matrix.parquet", "acc_matrix.png", "forgetting_curves.png"} <= artifacts
