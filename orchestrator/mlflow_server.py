@@ -257,7 +257,9 @@ def resolve_tracking_uri(explicit: str | None) -> str | None:
 def serve_forever(store: Path, port: int) -> int:
     """``mode-cl ui``: run the server in the foreground until interrupted."""
     store.mkdir(parents=True, exist_ok=True)
-    print(f"MLflow UI: http://127.0.0.1:{port}  (store {store.resolve()}; Ctrl-C to stop)", flush=True)
+    # workflowType: MLflow 3.x opens in its GenAI view unless the link asks for the model-training one
+    url = f"http://127.0.0.1:{port}/#/?workflowType=machine_learning"
+    print(f"MLflow UI: {url}  (store {store.resolve()}; Ctrl-C to stop)", flush=True)
     process = None
     try:
         with held():  # a stop that comes while the server is being started: acted on after Popen returns

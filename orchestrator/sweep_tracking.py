@@ -175,7 +175,9 @@ def _stage_curves(
             mean = np.array([i.mean for i in intervals])
             half = np.nan_to_num(np.array([i.half for i in intervals]))
             line = axis.plot(x, mean, marker="o", label=label)[0]
-            axis.fill_between(x, mean - half, mean + half, alpha=0.2, color=line.get_color())
+            low, high = np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1)  # accuracies: the band within [0, 1]
+            axis.fill_between(x, low, high, alpha=0.2, color=line.get_color())
+            axis.set_ylim(-0.02, 1.02)
             axis.set_xticks(x)
         drawn = True
     if drawn:

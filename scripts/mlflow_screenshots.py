@@ -50,18 +50,24 @@ def main() -> None:
         child = next(r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("method") == "mode")
         base = f"{uri}/#/experiments/{experiment.experiment_id}"
         profile = out / ".chromium-profile"
-        shoot(f"{base}/runs", out / "mlflow_sweep_runs.png", profile)
-        shoot(f"{base}/runs/{child.info.run_id}/model-metrics", out / "mlflow_trial_metrics.png", profile)
+        # MLflow 3.17's UI opens in its GenAI view unless the link asks for the model-training one
+        # (as `mode-cl ui` prints it).
+        view = "?workflowType=machine_learning"
+        shoot(f"{base}/runs{view}", out / "mlflow_sweep_runs.png", profile)
+        shoot(f"{base}/runs/{child.info.run_id}/model-metrics{view}", out / "mlflow_trial_metrics.png", profile)
         shoot(
-            f"{base}/runs/{child.info.run_id}/artifacts/forgetting_curves.png", out / "mlflow_trial_plots.png", profile
+            f"{base}/runs/{child.info.run_id}/artifacts/forgetting_curves.png{view}",
+            out / "mlflow_trial_plots.png",
+            profile,
         )
         parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-        shoot(f"{base}/runs/{parent.info.run_id}/artifacts/pareto.png", out / "mlflow_sweep_pareto.png", profile)
-        groups = f"{base}/runs/{parent.info.run_id}/artifacts/groups/groups_stages.png"
+        shoot(f"{base}/runs/{parent.info.run_id}/artifacts/pareto.png{view}", out / "mlflow_sweep_pareto.png", profile)
+        groups = f"{base}/runs/{parent.info.run_id}/artifacts/groups/groups_stages.png{view}"
         shoot(groups, out / "mlflow_sweep_groups.png", profile)
         children = [r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         ids = ",".join(f"%22{run_id}%22" for run_id in children)
         compare = f"{uri}/#/compare-runs?runs=[{ids}]&experiments=[%22{experiment.experiment_id}%22]"
+        compare += "&workflowType=machine_learning"
         shoot(compare, out / "mlflow_sweep_children.png", profile)
         shutil.rmtree(profile, ignore_errors=True)
 
