@@ -151,3 +151,13 @@ def test_lighter_evaluation_schedule_skips_cells_but_not_the_metrics(tmp_path):
         assert light[key] == full[key], key
     assert light["losses"] == full["losses"]  # skipping evaluation leaves training untouched
     assert light["profile"]["seconds"]["evaluate"] < full["profile"]["seconds"]["evaluate"]
+
+
+def test_the_config_defaults_are_the_default_benchmark_file():
+    """`mode-cl run` with no file reads search_spaces/digits.yaml, code builds RunConfig from its
+    defaults: both must be one config, or a CLI run and an in-process run of "the same" settings
+    differ (a changed default in one place only made them differ once)."""
+    from pathlib import Path
+
+    shipped = load_run_config(Path(__file__).resolve().parents[1] / "search_spaces" / "digits.yaml", [])
+    assert load_run_config(None, []).to_dict() == shipped.to_dict()
