@@ -261,8 +261,15 @@ def test_sweep_resume_and_run_stop_ray_and_mlflow(tmp_path):
     env.pop("RAY_ADDRESS", None)
     common = ["--work-dir", str(tmp_path / "work")]
     commands = {
-        "sweep": ([MODE_CL, "sweep", str(space), *common, "--storage", str(tmp_path / "sweeps")], signal.SIGTERM),
-        "resume": ([MODE_CL, "resume", "stopped", *common, "--storage", str(tmp_path / "sweeps")], signal.SIGINT),
+        # --verbose: the workers' own lines, which tell the test that training started, reach the log.
+        "sweep": (
+            [MODE_CL, "sweep", str(space), *common, "--storage", str(tmp_path / "sweeps"), "--verbose"],
+            signal.SIGTERM,
+        ),
+        "resume": (
+            [MODE_CL, "resume", "stopped", *common, "--storage", str(tmp_path / "sweeps"), "--verbose"],
+            signal.SIGINT,
+        ),
         "run": ([MODE_CL, "run", str(tmp_path / "micro.yaml"), *common, "--name", "stopped-run"], signal.SIGHUP),
     }
     try:
