@@ -84,19 +84,19 @@ class MoDELinear(nn.Module):
         gates = self.router_gates(x)  # [B, S, E], fp32
         image = image_mask.unsqueeze(-1).to(gates.dtype)  # [B, S, 1]
         text_weight = gates if config.experts_on_image_tokens else gates * (1.0 - image)
-        weights = [text_weight.repeat_interleave(r, dim=-1)]  # [B, S, E·r]
-        stacked_a, stacked_b = [self.mode_text_A], [self.mode_text_B]
+        # One weight per rank-r block ([B, S, E(+1)]), broadcast over the block's r columns below:
+        # cheaper than materialising a [B, S, (E+1)·r] weight, forward and backward. α/r goes in
+        # here, onto the blocks, not onto the out-wide delta.
         if config.image_adapter:
-            weights.append(image.expand(*image.shape[:-1], r))  # [B, S, r]
-            stacked_a.append(self.mode_image_A)
-            stacked_b.append(self.mode_image_B)
-        a = torch.cat(stacked_a, dim=0) if len(stacked_a) > 1 else stacked_a[0]  # [(E+1)·r, in]
-        b = torch.cat(stacked_b, dim=1) if len(stacked_b) > 1 else stacked_b[0]  # [out, (E+1)·r]
-        weight = torch.cat(weights, dim=-1) if len(weights) > 1 else weights[0]
-        hidden = torch.nn.functional.linear(self.dropout(x).to(a.dtype), a)  # [B, S, (E+1)·r]
-        # α/r goes into the rank-wide weights, not onto the out-wide delta: one multiply of
-        # (E+1)·r columns instead of `out` columns, forward and backward.
-        hidden = hidden * (weight * config.scaling).to(hidden.dtype)
+            block_weight = torch.cat([text_weight, image], dim=-1)
+            a = torch.cat([self.mode_text_A, self.mode_image_A], dim=0)  # [(E+1)·r, in]
+            b = torch.cat([self.mode_text_B, self.mode_image_B], dim=1)  # [out, (E+1)·r]
+        else:
+            block_weight, a, b = text_weight, self.mode_text_A, self.mode_text_B
+        blocks = block_weight.shape[-1]
+        hidden = torch.nn.functional.linear(self.dropout(x).to(a.dtype), a)  # [B, S, blocks·r]
+        block_weight = (block_weight * config.scaling).to(hidden.dtype).unsqueeze(-1)  # [B, S, blocks, 1]
+        hidden = (hidden.unflatten(-1, (blocks, r)) * block_weight).flatten(-2)
         delta = torch.nn.functional.linear(hidden, b)  # [B, S, out]
         if state.recorder is not None:
             state.recorder.append({"layer": self, "image_mask": image_mask.detach(), "gates": gates.detach()})
