@@ -31,7 +31,7 @@ def _column_value(value: Any) -> Any:
 def source_rows(name: str, storage: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """A source's finished rows (``config.<key>`` columns for its swept keys, plus seed and tasks)
     and its fixed config, flattened to dotted keys."""
-    from orchestrator.report import flatten_config, is_results_collection, result_rows
+    from orchestrator.report import flatten_config, is_results_collection, result_rows, sweep_rows
 
     if is_results_collection(name):
         import json
@@ -44,7 +44,6 @@ def source_rows(name: str, storage: str) -> tuple[list[dict[str, Any]], dict[str
         fixed = {k: v for k, v in configs[0].items() if all(repr(c.get(k)) == repr(v) for c in configs)}
     else:
         from orchestrator.space import load_space
-        from orchestrator.sweep import trial_table
         from orchestrator.sweep_store import find_sweep, read_record
 
         directory = find_sweep(name, storage)
@@ -55,7 +54,7 @@ def source_rows(name: str, storage: str) -> tuple[list[dict[str, Any]], dict[str
         swept = {k for trial in space.trials for k in flatten_config(trial)} | set(space.distributions)
         full = flatten_config(space.configs[0].to_dict())
         fixed = {k: v for k, v in full.items() if k not in swept}
-        rows = trial_table(directory)
+        rows = sweep_rows(directory)
     for key in ("seed", "tasks"):  # runs pair on these, swept or not
         for row in rows:
             row.setdefault(f"config.{key}", _column_value(fixed.get(key)))

@@ -157,7 +157,11 @@ def is_results_collection(path) -> bool:
     or a folder holding ``results.json`` files (``mode-cl run --no-ray`` outputs), not a sweep."""
     from pathlib import Path
 
+    from orchestrator.sweep_store import SWEEP_FILE
+
     path = Path(path)
+    if path.is_dir() and (path / SWEEP_FILE).is_file():  # a sweep keeps its trials' results.json too
+        return False
     return (path.suffix == ".jsonl" and path.is_file()) or (
         path.is_dir() and next(path.rglob("results.json"), None) is not None
     )
@@ -217,6 +221,32 @@ def result_rows(path) -> list[dict[str, Any]]:
     return [*bases.values(), *rows]
 
 
+def sweep_rows(directory) -> list[dict[str, Any]]:
+    """A sweep's trial table, each trial completed from the ``results.json`` it wrote: its seed and
+    task order (an extra trial such as a baseline sets neither, but runs them) and its engine
+    seconds. A trial that wrote none keeps only what Tune recorded."""
+    import json
+    from pathlib import Path
+
+    from orchestrator.sweep import trial_table
+
+    rows = trial_table(Path(directory))
+    for row in rows:
+        results_file = Path(directory) / "train" / f"train-{row.get('trial_id')}" / "results.json"
+        if not results_file.is_file():
+            continue
+        result = json.loads(results_file.read_text())
+        config = result.get("config", {})
+        for key in ("seed", "tasks"):
+            if key in config and row.get(f"config.{key}") is None:
+                value = config[key]
+                row[f"config.{key}"] = ",".join(value) if isinstance(value, list) else value
+        seconds = result.get("profile", {}).get("seconds", {}).get("total")
+        if seconds is not None and row.get("engine_seconds") is None:
+            row["engine_seconds"] = seconds
+    return rows
+
+
 def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested config as dotted keys (``method.r``)."""
     flat: dict[str, Any] = {}
@@ -242,9 +272,7 @@ def report_groups(
     for ``--half-width``."""
     from pathlib import Path
 
-    from orchestrator.sweep import trial_table
-
-    source = result_rows(directory) if is_results_collection(directory) else trial_table(Path(directory))
+    source = result_rows(directory) if is_results_collection(directory) else sweep_rows(Path(directory))
     folder = Path(directory) if Path(directory).is_dir() else Path(directory).parent
     return render_grouped(source, by, baseline, half_width, output_format, output, folder)
 
@@ -343,7 +371,7 @@ def _render_groups(records, keys, metrics, half_width, output_format: str, title
             cells.append(f"{cell} (n≥{needed})" if needed else cell)
         n = max(record[f"{m}_n"] for m in metrics)
         kind = "" if record["kind"] == "group" else "Δ"
-        body.append([kind, *(str(record[k]) for k in keys), str(n), *cells])
+        body.append([kind, *("—" if record[k] is None else str(record[k]) for k in keys), str(n), *cells])
     note = f"; (n≥k): runs needed for ± {half_width}" if half_width is not None else ""
     if output_format == "markdown":
         lines = [f"{title}{note}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

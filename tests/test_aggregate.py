@@ -146,6 +146,37 @@ def _result(method: str, seed: int, stage0: list[float], final: list[float], for
     }
 
 
+def test_a_sweep_is_grouped_as_a_sweep_and_its_extra_trials_get_their_task_order(monkeypatch, tmp_path, capsys):
+    """A sweep folder holds its trials' results.json but is not a results collection (no zero-shot
+    row, no config field shown for a trial that did not set it); an extra trial that sets neither
+    seed nor tasks is placed in its group by the seed and order its results.json says it ran."""
+    import json
+
+    from orchestrator.cli import main
+    from orchestrator.report import is_results_collection
+
+    trials = [
+        {"trial_id": "t0", "status": "TERMINATED", "config.method.name": "mode", "config.method.r": 4,
+         "config.seed": 0, "config.tasks": "a,b", "avg_acc": 0.6, "forgetting": 0.3},
+        {"trial_id": "t1", "status": "TERMINATED", "config.method.name": "seq_lora", "avg_acc": 0.5,
+         "forgetting": 0.5},
+    ]  # fmt: skip
+    monkeypatch.setattr("orchestrator.sweep.trial_table", lambda directory: [dict(r) for r in trials])
+    monkeypatch.setattr("orchestrator.sweep_store.find_sweep", lambda name, storage: tmp_path)
+    (tmp_path / "sweep.json").write_text("{}")
+    for trial, method in (("t0", "mode"), ("t1", "seq_lora")):
+        (tmp_path / "train" / f"train-{trial}").mkdir(parents=True)
+        result = _result(method, 0, [0.5, 0.5], [0.6, 0.6], 0.3)
+        (tmp_path / "train" / f"train-{trial}" / "results.json").write_text(json.dumps(result))
+    assert not is_results_collection(tmp_path)
+    assert main(["report", "s", "--group-by", "--format", "markdown"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|  | ")]
+    assert lines[1:] == [
+        "|  | mode | 4 | a,b | 1 | 0.600 | 0.300 | 10.000 |",
+        "|  | seq_lora | — | a,b | 1 | 0.500 | 0.500 | 10.000 |",
+    ]
+
+
 def test_report_reads_a_results_collection_with_a_zero_shot_row(tmp_path, capsys):
     import json
 
