@@ -61,13 +61,14 @@ def print_trials(rows: list[dict[str, Any]], objective: str, console: Console | 
     console = console or wide_console()
     table = Table(title=f"trials (sorted by {objective})")
     config_keys = sorted({k for r in rows for k in r if k.startswith("config.")})
-    for column in ("trial", "status", *(k.removeprefix("config.") for k in config_keys)):
+    table.add_column("trial", no_wrap=True)
+    for column in ("status", *(k.removeprefix("config.") for k in config_keys)):
         table.add_column(column)
     for column in ("tasks", "avg acc", "forgetting", "retention", "open-vocab acc", "gen acc", "gen FD", "inter-modal"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
-            row["trial_id"],
+            row.get("trial_name") or row["trial_id"],
             row["status"],
             *(str(row.get(k, "")) for k in config_keys),
             str(row.get("tasks_done") if row.get("tasks_done") is not None else "—"),

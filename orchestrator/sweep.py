@@ -430,7 +430,7 @@ def trial_row(trial: Any) -> dict[str, Any]:
     """One Tune trial as a row: id, status, its overrides as ``config.<key>``, its last metrics."""
     metrics = trial.last_result or {}
     overrides = {**trial.config.get("trial", {}), **trial.config.get("sampled", {})}
-    row = {"trial_id": trial.trial_id, "status": trial.status}
+    row = {"trial_id": trial.trial_id, "trial_name": str(trial), "status": trial.status}  # str: the readable name
     row |= {f"config.{k}": (",".join(v) if isinstance(v, list) else v) for k, v in overrides.items()}
     return row | {key: metrics.get(key) for key in TRIAL_METRICS}
 

@@ -54,3 +54,20 @@ def test_the_live_table_shows_progress_and_remaining_time():
     # 130 s for 2 tasks → 65 s per task → 3 more tasks ≈ 3:15
     assert "2/5" in text and "0.610" in text and "2:10" in text and "3:15" in text
     assert "0/5" in text and "PENDING" in text and "trials done 0/2" in text
+
+
+def test_the_final_trial_table_shows_readable_names():
+    import io
+
+    from rich.console import Console
+
+    from orchestrator.report import print_trials
+
+    console = Console(file=io.StringIO(), width=300)
+    rows = [
+        {"trial_id": "f7919_00001", "trial_name": "mode r4 λ0.1 order-B s0", "status": "TERMINATED", "avg_acc": 0.5},
+        {"trial_id": "f7919_00002", "status": "TERMINATED", "avg_acc": 0.4},  # a row from before names: its id
+    ]
+    print_trials(rows, "avg_acc", console)
+    text = console.file.getvalue()
+    assert "mode r4 λ0.1 order-B s0" in text and "f7919_00001" not in text and "f7919_00002" in text
