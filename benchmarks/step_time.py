@@ -34,9 +34,10 @@ import torch
 
 from trainables.batching import SampleSet
 from trainables.benchmarks.digits.data import DigitsConfig, vocabulary
-from trainables.benchmarks.digits.tiny import build_tiny_chameleon
+from trainables.benchmarks.digits.tiny import TINY_SHAPE, build_tiny_chameleon
 from trainables.methods import Batch, MethodConfig, build_method
 from trainables.mode.reference import official_style
+from trainables.model_shape import ChameleonShape
 from trainables.teacher_cache import load_or_build, model_fingerprint
 from trainables.vocab import TokenIds
 
@@ -82,11 +83,12 @@ class Variant:
         stream: SampleSet | None,
         cached: bool = True,
         official: bool = False,
+        shape: ChameleonShape = TINY_SHAPE,
     ) -> None:
         torch.manual_seed(0)
         self.name, self.batch, self.stream, self.official = name, batch, stream, official
         self.method = build_method(config, ids)
-        base = build_tiny_chameleon(vocab)
+        base = build_tiny_chameleon(vocab, shape)
         fingerprint = model_fingerprint(base)
         self.model = self.method.attach(base).train()
         self.cache = None
