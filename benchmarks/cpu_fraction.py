@@ -8,8 +8,8 @@ Two shapes of the digits Chameleon (its vocabulary, 75-token understanding seque
 and a medium CPU one (hidden 512, intermediate 1376, 8 layers). For each, MoDE without
 distillation (the layer's own cost) and with distillation (cached teacher, as the engine trains)
 run ``--steps`` timed steps after 3 warm-up steps; the median step is reported. Tokens/s counts
-every token a step trains on: the task batch, and with distillation the 32-sequence stream batch
-(``benchmarks/step_time.py``'s ``Variant``).
+every token a step trains on: the task batch, and with distillation the stream batch of
+``benchmarks/step_time.py``'s ``Variant`` (``STREAM_BATCH``, 32 sequences).
 
 Model FLOPs per step are counted as ``benchmarks/gpu_check.py`` counts them (frozen base: forward
 2·N, backward 2·N for the matmul parameters N of the decoder and lm_head, plus attention; with KD a
@@ -32,7 +32,7 @@ import warnings
 
 import torch
 from gpu_check import matmul_params, step_flops
-from step_time import Variant, make_batch, make_stream, median_step
+from step_time import STREAM_BATCH, Variant, make_batch, make_stream, median_step
 
 from trainables.benchmarks.digits.data import DigitsConfig, vocabulary
 from trainables.benchmarks.digits.tiny import TINY_SHAPE
@@ -88,7 +88,7 @@ def main() -> None:
     stream_len = stream.stream_batch_of([0]).input_ids.shape[1]
     print(
         f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, fp32; "
-        f"batch {args.batch} × {seq_len} tokens; KD stream batch 32 × {stream_len}; "
+        f"batch {args.batch} × {seq_len} tokens; KD stream batch {STREAM_BATCH} × {stream_len}; "
         f"median of {args.steps} steps after 3 warm-up"
     )
     columns = "model | method | tokens/s | step ms | model GFLOP/step | achieved GFLOP/s | matmul GFLOP/s | fraction"
@@ -104,16 +104,13 @@ def main() -> None:
             uses_kd = config.name == "mode"
             variant = Variant(method, config, vocab, ids, batch, stream if uses_kd else None, shape=shape)
             seconds = median_step(variant.step, args.steps, warmup=3)
-            flops = step_flops(
-                matmul_params(variant.model), shape.num_hidden_layers, shape.hidden_size, args.batch, seq_len, False
-            )
+            params = matmul_params(variant.model)
+            flops = step_flops(params, shape.num_hidden_layers, shape.hidden_size, args.batch, seq_len, False)
             if uses_kd:
                 # the stream batch: the teacher's logits come from the cache (no forward), the
                 # student runs a forward and a backward
-                flops += step_flops(
-                    matmul_params(variant.model), shape.num_hidden_layers, shape.hidden_size, 32, stream_len, False
-                )
-            step_tokens = tokens + (32 * stream_len if uses_kd else 0)
+                flops += step_flops(params, shape.num_hidden_layers, shape.hidden_size, STREAM_BATCH, stream_len, False)
+            step_tokens = tokens + (STREAM_BATCH * stream_len if uses_kd else 0)
             achieved = flops / seconds
             print(
                 f"| {label} | {method} | {step_tokens / seconds:,.0f} | {1e3 * seconds:.1f} | {flops / 1e9:.2f} | "

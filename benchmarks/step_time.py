@@ -41,6 +41,8 @@ from trainables.model_shape import ChameleonShape
 from trainables.teacher_cache import load_or_build, model_fingerprint
 from trainables.vocab import TokenIds
 
+STREAM_BATCH = 32  # distillation sequences a Variant adds to each step
+
 
 def make_batch(ids: TokenIds, vocab: dict[str, int], size: int = 32) -> Batch:
     generator = torch.Generator().manual_seed(0)
@@ -111,7 +113,7 @@ class Variant:
     def step(self) -> None:
         extra = {}
         if self.stream is not None:
-            picks = torch.randint(len(self.stream), (32,), generator=self.generator).tolist()
+            picks = torch.randint(len(self.stream), (STREAM_BATCH,), generator=self.generator).tolist()
             stream_batch = self.stream.stream_batch_of(picks)
             if self.cache is not None:
                 stream_batch.teacher_logits, stream_batch.teacher_index = self.cache.batch(

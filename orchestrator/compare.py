@@ -24,14 +24,10 @@ from trainables.config_rules import ConfigError
 PAIR_ON = ("config.seed", "config.tasks")
 
 
-def _column_value(value: Any) -> Any:
-    return ",".join(value) if isinstance(value, list) else value
-
-
 def source_rows(name: str, storage: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """A source's finished rows (``config.<key>`` columns for its swept keys, plus seed and tasks)
     and its fixed config, flattened to dotted keys."""
-    from orchestrator.report import flatten_config, is_results_collection, result_rows, sweep_rows
+    from orchestrator.report import column_value, flatten_config, is_results_collection, result_rows, sweep_rows
 
     if is_results_collection(name):
         import json
@@ -57,7 +53,7 @@ def source_rows(name: str, storage: str) -> tuple[list[dict[str, Any]], dict[str
         rows = sweep_rows(directory)
     for key in ("seed", "tasks"):  # runs pair on these, swept or not
         for row in rows:
-            row.setdefault(f"config.{key}", _column_value(fixed.get(key)))
+            row.setdefault(f"config.{key}", column_value(fixed.get(key)))
     return [r for r in rows if r.get("status") == "TERMINATED"], fixed
 
 
@@ -72,7 +68,7 @@ def compare(
 ) -> int:
     """Print (or write) the grouped table of ``sources``; refuses fixed-config differences not
     named by ``allow_diff``."""
-    from orchestrator.report import render_grouped
+    from orchestrator.report import column_value, render_grouped
 
     if len(sources) < 2:
         raise ConfigError("compare", "give two or more sweeps or results collections")
@@ -98,7 +94,7 @@ def compare(
     rows = []
     for (own, fixed), label in zip(loaded, labels, strict=True):
         for row in own:
-            filled = {k: _column_value(fixed.get(k.removeprefix("config."))) for k in swept if k not in row}
+            filled = {k: column_value(fixed.get(k.removeprefix("config."))) for k in swept if k not in row}
             rows.append({**row, **filled, "source": label})
     if not by:  # every key that varies, but the seed and what follows it (runs pair on the seed)
         varies = lambda k: len({repr(r.get(k)) for r in rows}) > 1  # noqa: E731

@@ -230,22 +230,27 @@ def sweep_rows(directory) -> list[dict[str, Any]]:
     from pathlib import Path
 
     from orchestrator.sweep import trial_table
+    from orchestrator.sweep_store import train_run_name
 
     rows = trial_table(Path(directory))
     for row in rows:
-        results_file = Path(directory) / "train" / f"train-{row.get('trial_id')}" / "results.json"
+        results_file = Path(directory) / "train" / train_run_name(row["trial_id"]) / "results.json"
         if not results_file.is_file():
             continue
         result = json.loads(results_file.read_text())
         config = result.get("config", {})
         for key in ("seed", "tasks"):
             if key in config and row.get(f"config.{key}") is None:
-                value = config[key]
-                row[f"config.{key}"] = ",".join(value) if isinstance(value, list) else value
+                row[f"config.{key}"] = column_value(config[key])
         seconds = result.get("profile", {}).get("seconds", {}).get("total")
         if seconds is not None and row.get("engine_seconds") is None:
             row["engine_seconds"] = seconds
     return rows
+
+
+def column_value(value: Any) -> Any:
+    """A config value as a table cell: a list (a task order) joined with commas."""
+    return ",".join(value) if isinstance(value, list) else value
 
 
 def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -34,6 +34,7 @@ from orchestrator.sweep_store import (
     open_for_resume,
     read_record,
     space_settings,
+    train_run_name,
     write_record,
 )
 from orchestrator.sweep_tracking import (
@@ -87,7 +88,7 @@ def train_driver_fn(trial: dict[str, Any], context: DriverContext) -> None:
 
     config = load_run_config_dict(context.base, {**context.fixed, **trial["trial"], **trial.get("sampled", {})})
     trial_id = tune.get_context().get_trial_id()
-    name = f"train-{trial_id}"
+    name = train_run_name(trial_id)
     tracking = None
     if context.parent is not None:
         parent = context.parent

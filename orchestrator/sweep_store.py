@@ -30,6 +30,11 @@ def sweep_dir(name_or_path: str, storage: str) -> Path:
     return Path(storage) / name_or_path
 
 
+def train_run_name(trial_id: str) -> str:
+    """The Ray Train run (and its folder under the sweep's ``train/``) that runs a trial's sequence."""
+    return f"train-{trial_id}"
+
+
 def find_sweep(name_or_path: str, storage: str) -> Path:
     """The directory of an existing sweep (by name under ``storage``, or its path)."""
     directory = sweep_dir(name_or_path, storage)

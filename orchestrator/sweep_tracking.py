@@ -246,9 +246,11 @@ def finish_parent_run(
 ) -> None:
     """The summary artifacts, the best trial's registered adapter, and status FINISHED.
     ``train_dir``: where the trials' Train runs keep their ``results.json`` (per-stage curves)."""
+    from orchestrator.sweep_store import train_run_name
+
     results = {}
     for row in rows if train_dir is not None else []:
-        file = Path(train_dir) / f"train-{row['trial_id']}" / "results.json"
+        file = Path(train_dir) / train_run_name(row["trial_id"]) / "results.json"
         if file.is_file():
             results[row["trial_id"]] = json.loads(file.read_text())
     log_grouped(parent, rows, final=True, results=results)
