@@ -3,8 +3,10 @@
     python benchmarks/run_all.py [--trials N] [--record]
 
 Runs, one after the other on an otherwise idle machine: ``step_time.py`` (MoDE / LoRA step),
-``official_step.py`` (official-style step / ours) and ``sweep_overhead.py`` (sweep vs back-to-back,
-resume latency, peak RSS; ``--trials N`` uses the demo sweep's first N trials instead of all 10).
+``official_step.py`` (official-style step / ours), ``cpu_fraction.py`` (achieved share of matmul
+speed), ``budget.py`` (one-core engine time of a default MoDE and seq_lora run) and
+``sweep_overhead.py`` (sweep wall time, sweep vs back-to-back, resume latency, peak RSS;
+``--trials N`` uses the demo sweep's first N trials instead of all 10).
 ``--record`` appends the summary — date, machine, versions and the lines the scripts printed — to
 ``benchmarks/RESULTS.md``.
 """
@@ -20,7 +22,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MARKERS = ("target", "speedup", "per trial:", "peak RSS")
+MARKERS = ("target", "speedup", "per trial:", "peak RSS", "machine speed", "| tiny", "| medium")
 
 
 def run(script: str, *args: str) -> list[str]:
@@ -59,6 +61,8 @@ def main() -> None:
     started = time.time()
     summary = run("step_time.py")
     summary += run("official_step.py")
+    summary += run("cpu_fraction.py")
+    summary += run("budget.py", "--methods", "mode", "seq_lora")
     summary += run("sweep_overhead.py", *(["--trials", str(args.trials)] if args.trials else []))
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU" if not _has_gpu() else _gpu_name()
     header = [
