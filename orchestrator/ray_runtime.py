@@ -78,14 +78,14 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if address:
         _token_auth_for_explicit_address(address)
-        with _sigterm_handler_kept():
+        with _sigterm_handler_kept(), _ray_notices_off_the_terminal():
             ray.init(address=address, log_to_driver=is_verbose(), logging_level=_logging_level())
         return
     from ray._private import ray_constants
 
     # Loopback as the node address, where prefer_loopback() took effect before Ray was imported.
     loopback = {} if ray_constants.ENABLE_RAY_CLUSTER else {"_node_ip_address": "127.0.0.1"}
-    with _sigterm_handler_kept():
+    with _sigterm_handler_kept(), _ray_notices_off_the_terminal():
         ray.init(
             num_cpus=num_cpus,
             resources={DRIVER_RESOURCE: 1.0},
@@ -95,6 +95,69 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
             logging_level=_logging_level(),
             **loopback,
         )
+
+
+DRIVER_LOG = "mode-cl-driver.log"  # in the Ray session's logs folder: Ray's notices to this driver
+
+
+@contextmanager
+def _ray_notices_off_the_terminal() -> Iterator[None]:
+    """Around ``ray.init`` without ``--verbose``: what Ray tells this driver goes to ``DRIVER_LOG``
+    in the session's logs folder, not to the terminal; errors still reach the terminal.
+
+    Two channels: the ``ray`` logger (Ray's, Tune's and Train's driver-side notices, e.g. the
+    token-auth notice printed during ``ray.init``), whose terminal handlers are raised to ERROR and
+    whose records are buffered until the logs folder exists; and the messages the raylet pushes to
+    drivers (e.g. "8 PYTHON worker processes have been started"), which Ray's listener thread prints
+    whatever ``log_to_driver`` says, through ``ray._private.worker.print_to_stdstream`` (looked up on
+    each message, checked with Ray 2.60)."""
+    if is_verbose():
+        yield
+        return
+    import logging
+    import logging.handlers
+
+    ray_logger = logging.getLogger("ray")
+    for handler in list(ray_logger.handlers):
+        if getattr(handler, "mode_cl_driver_log", False):  # an earlier Ray session's file
+            ray_logger.removeHandler(handler)
+            handler.close()
+    for handler in ray_logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.ERROR))
+    buffered = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    ray_logger.addHandler(buffered)
+    try:
+        yield
+    finally:
+        ray_logger.removeHandler(buffered)
+        folder = logs_dir()
+        if folder:
+            to_file = logging.FileHandler(Path(folder) / DRIVER_LOG)
+            to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            to_file.mode_cl_driver_log = True
+            buffered.setTarget(to_file)
+            buffered.flush()
+            ray_logger.addHandler(to_file)
+            _pushed_messages_to(Path(folder) / DRIVER_LOG)
+        buffered.close()
+
+
+def _pushed_messages_to(path: Path) -> None:
+    """Send what the raylet pushes to this driver to ``path`` instead of stdout/stderr."""
+    try:
+        from ray._private import worker
+    except ImportError:
+        return
+    if not hasattr(worker, "print_to_stdstream"):
+        return
+
+    def append(data: dict, ignore_prefix: bool = False) -> None:
+        with path.open("a") as log:
+            for line in data.get("lines", []):
+                log.write(f"({data.get('pid', 'ray')}) {line}\n")
+
+    worker.print_to_stdstream = append
 
 
 def _logging_level() -> int:
