@@ -52,6 +52,10 @@ def set_verbose(verbose: bool) -> None:
 
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the new engine prints its frames even when silent
         logging.getLogger("ray").setLevel(logging.ERROR)  # Ray's and Tune's notices stay in Ray's log files
+        # MLflow's own lines ("View run … at", "Waiting up to 300 seconds …"): the sweep prints
+        # where to browse its runs (`mode-cl ui`) once, at the end.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def is_verbose() -> bool:

@@ -165,7 +165,13 @@ def progress_callback(
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if result.get("step", 0) == 0 and result.get("tasks_done", 0) > 0:  # a task just ended
-                self._print(trials)
+                total = len(trial.config.get("trial", {}).get("tasks") or []) or tasks_per_trial
+                scores = ", ".join(
+                    f"{name} {result[key]:.3f}"
+                    for key, name in (("avg_acc", "avg acc"), ("gen_acc", "gen acc"))
+                    if isinstance(result.get(key), float)
+                )
+                self._print(trials, f"{trial}: task {result['tasks_done']}/{total} done ({scores})")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             # Only finished trials compete: an early stage's average over fewer tasks is not comparable.
@@ -188,14 +194,20 @@ def progress_callback(
             self.ended.add(trial.trial_id)
             self._print(trials)
 
-        def _print(self, trials) -> None:
+        def _print(self, trials, event: str = "") -> None:
+            """``event``: what just happened, said on the line (without a live table, where the
+            table's rows would say it)."""
             from rich.console import Console
 
             running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
             best = f"{metric} {self.best[0]:.3f} (trial {self.best[1]})" if self.best else "— (no trial finished yet)"
             line = f"[bold]\\[sweep][/] trials done {len(self.ended)}/{total}, running {running}, best so far: {best}"
             if not live:
-                Console(soft_wrap=True).print(line)
+                from rich.markup import escape
+
+                if event:
+                    line = line.replace("trials done", f"{escape(event)}; trials done", 1)
+                Console(soft_wrap=True, highlight=False).print(line)
                 return
             if self._live is None:
                 from rich.live import Live

@@ -315,7 +315,8 @@ def _register_best(parent: ParentRun, rows: list[dict[str, Any]], sweep: str) ->
     name = f"{sweep}-best"
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description="final adapter of the best trial of a mode-cl sweep")
-    version = client.create_model_version(name, f"runs:/{run_id}/{artifact}", run_id=run_id)
+    # Not waiting for READY: only the version's name is reported, and the wait logs to the terminal.
+    version = client.create_model_version(name, f"runs:/{run_id}/{artifact}", run_id=run_id, await_creation_for=0)
     client.set_tag(parent.parent_run_id, "best_trial_id", best["trial_id"])
     return f"{name} v{version.version}"
 

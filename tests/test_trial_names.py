@@ -71,3 +71,21 @@ def test_the_final_trial_table_shows_readable_names():
     print_trials(rows, "avg_acc", console)
     text = console.file.getvalue()
     assert "mode r4 λ0.1 order-B s0" in text and "f7919_00001" not in text and "f7919_00002" in text
+
+
+def test_without_a_live_table_each_line_says_which_trial_finished_which_task(capsys):
+    from orchestrator.sweep import progress_callback
+
+    class Trial(SimpleNamespace):
+        def __str__(self) -> str:
+            return "mode r8 s0"
+
+    trial = Trial(config={"trial": {"tasks": ["parity", "prime", "square"]}}, status="RUNNING", trial_id="t0")
+    progress = progress_callback(total=2, metric="avg_acc", mode="max", tasks_per_trial=3, live=False)
+    progress.on_trial_result(0, [trial], trial, {"step": 0, "tasks_done": 2, "avg_acc": 0.6125, "gen_acc": 0.9})
+    progress.on_trial_result(0, [trial], trial, {"step": 7, "tasks_done": 2})  # a train step: no line
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [
+        "[sweep] mode r8 s0: task 2/3 done (avg acc 0.613, gen acc 0.900); trials done 0/2, running 1, "
+        "best so far: — (no trial finished yet)"
+    ]
