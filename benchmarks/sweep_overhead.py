@@ -117,7 +117,8 @@ def resume_latency(space_file: Path, work_dir: Path, name: str, trace: bool = Fa
     subprocess.run([RAY, "stop", "--force"], capture_output=True, check=False)
     started = time.perf_counter()
     resumed = subprocess.Popen(
-        [MODE_CL, "resume", name, *common],
+        # --verbose: the worker's "training again" line reaches the terminal only with it
+        [MODE_CL, "resume", name, "--verbose", *common],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
