@@ -39,6 +39,24 @@ class PhaseTimer:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
 
 
+SHARED_BUILD_THREADS = 2  # torch threads of what every trial reads: the base model, the teacher cache
+
+
+@contextlib.contextmanager
+def torch_threads(count: int = SHARED_BUILD_THREADS) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` in this thread for the duration, then restored.
+
+    A reduction split over another number of threads rounds differently (seen on an AVX-512 Xeon:
+    a base model pretrained with 1 and with 2 threads differed), so what a sweep's driver builds
+    and what a trial would build itself are built with one fixed count, whoever's threads run it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def seeded_generator(*key: int) -> torch.Generator:
     """A generator seeded from ``key`` alone, so any step's data can be recomputed after a restart."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))

@@ -38,6 +38,7 @@ from torch import nn
 
 from trainables import __version__
 from trainables.batching import SampleSet
+from trainables.run_context import torch_threads
 
 FORMAT_VERSION = 1
 Log = Callable[[str], None]
@@ -195,7 +196,8 @@ def load_or_build(
                 log(f"[yellow]warning:[/] teacher cache {directory} is unreadable ({error}); rebuilding it")
                 shutil.rmtree(directory, ignore_errors=True)
         started = time.perf_counter()
-        values, positions = compute_teacher_logits(teacher_logits, stream, top_k, device)
+        with torch_threads():  # the same bits whether a sweep's driver or a trial computes it
+            values, positions = compute_teacher_logits(teacher_logits, stream, top_k, device)
         k = values[0].shape[1]
         columns = {
             "sample": pa.array(range(len(values)), pa.int32()),

@@ -27,6 +27,7 @@ from trainables.benchmarks.digits.config import BaseModelConfig
 from trainables.benchmarks.digits.data import BASE_TASKS, DigitsConfig, data_hash, read_tasks, vocabulary
 from trainables.benchmarks.digits.tiny import build_tiny_chameleon
 from trainables.losses import task_loss
+from trainables.run_context import torch_threads
 from trainables.vocab import TokenIds
 
 _CODE_FILES = (
@@ -77,7 +78,8 @@ def pretrain_base(
         TimeElapsedColumn(),
         TextColumn("{task.fields[loss]}"),
     ]
-    with Progress(*columns, disable=not show_progress, transient=False) as progress:
+    # One fixed thread count: the same weights whether a sweep's driver or a trial pretrains it.
+    with Progress(*columns, disable=not show_progress, transient=False) as progress, torch_threads():
         bar = progress.add_task("base", total=steps, loss="")
         for _ in range(config.epochs):
             for batch in samples.batches(config.batch_size, generator):
