@@ -8,6 +8,9 @@ tokens with a 66-token image span), same optimizer. Variants:
 
 - MoDE, no distillation: 4 experts of rank 8 + a rank-8 V-Adapter (total rank 40);
 - peft LoRA rank 40 on the same MLP projections;
+- the same MoDE with ``torch.nn.Dropout`` (what peft's LoRA uses) in place of MoDE's own input
+  dropout, whose mask is drawn with ``torch.rand`` (same distribution, a faster kernel on CPU): how
+  much of the ratio is the dropout kernel and how much the adapter math;
 - MoDE with distillation from the cached teacher (λ 0.3, a 32-sample stream batch per step, teacher
   logits read from a teacher cache built before timing, as the engine does).
 
@@ -36,6 +39,7 @@ from trainables.batching import SampleSet
 from trainables.benchmarks.digits.data import DigitsConfig, vocabulary
 from trainables.benchmarks.digits.tiny import TINY_SHAPE, build_tiny_chameleon
 from trainables.methods import Batch, MethodConfig, build_method
+from trainables.mode import mode_layers
 from trainables.mode.reference import official_style
 from trainables.model_shape import ChameleonShape
 from trainables.teacher_cache import load_or_build, model_fingerprint
@@ -86,6 +90,7 @@ class Variant:
         cached: bool = True,
         official: bool = False,
         shape: ChameleonShape = TINY_SHAPE,
+        torch_dropout: bool = False,
     ) -> None:
         torch.manual_seed(0)
         self.name, self.batch, self.stream, self.official = name, batch, stream, official
@@ -93,6 +98,9 @@ class Variant:
         base = build_tiny_chameleon(vocab, shape)
         fingerprint = model_fingerprint(base)
         self.model = self.method.attach(base).train()
+        if torch_dropout:
+            for _, layer in mode_layers(self.model):
+                layer.dropout = torch.nn.Dropout(config.dropout)
         self.cache = None
         if stream is not None and cached:
             with tempfile.TemporaryDirectory() as root:  # built before timing, as the engine does in setup
@@ -180,16 +188,27 @@ def main() -> None:
         Variant("MoDE (4×r8 + V r8, fused)", MethodConfig(name="mode_no_kd", **common), vocab, ids, batch, None),
         Variant("peft LoRA r40", MethodConfig(name="seq_lora", lora_r=40, **common), vocab, ids, batch, None),
         Variant(
+            "MoDE, torch.nn.Dropout masks",
+            MethodConfig(name="mode_no_kd", **common),
+            vocab,
+            ids,
+            batch,
+            None,
+            torch_dropout=True,
+        ),
+        Variant(
             "MoDE + KD (cached teacher)", MethodConfig(name="mode", kd_weight=0.3, **common), vocab, ids, batch, stream
         ),
     ]
     times = interleaved(variants, args.repeats, args.steps)
     print_times(variants, times)
-    mode, lora, kd = (times[v.name] for v in variants)
+    mode, lora, torch_dropout, kd = (times[v.name] for v in variants)
     ratio = spread([m / b for m, b in zip(mode, lora, strict=True)])
+    ratio_torch_dropout = spread([m / b for m, b in zip(torch_dropout, lora, strict=True)])
     ratio_kd = spread([m / b for m, b in zip(kd, lora, strict=True)])
     setting = f"{args.repeats} interleaved repetitions × {args.steps} steps, {args.threads} threads"
     print(f"MoDE / LoRA step time: {ratio}  (target ≤ 1.0; {setting}, torch {torch.__version__})")
+    print(f"MoDE with nn.Dropout / LoRA step time: {ratio_torch_dropout}  (no target; the same dropout kernel as peft)")
     print(f"MoDE+KD / LoRA step time: {ratio_kd}  (no target; distillation on, cached teacher)")
 
 
