@@ -17,12 +17,16 @@ compare budgets across days only next to it.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+# Fresh interpreters, not forks: a process forked after torch ran its thread pool (the base
+# model pretrained here) can hang in its first parallel op.
+SPAWN = multiprocessing.get_context("spawn")
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 150.0  # the benchmark issue's budget for a default MoDE run on one core
 CALIBRATION_SHAPE = (512, 512, 512)  # m, k, n of the matmul timed for the machine's speed
@@ -82,7 +86,7 @@ def main() -> None:
     jobs = [(m, args.seed, args.work_dir, str(out_dir), tuple(args.settings)) for m in args.methods]
     started = time.perf_counter()
     try:
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=SPAWN) as pool:
             results = list(pool.map(_one, jobs))
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+# Fresh interpreters, not forks: a process forked after torch ran its thread pool (the base
+# model pretrained here) can hang in its first parallel op.
+SPAWN = multiprocessing.get_context("spawn")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -93,7 +97,10 @@ def main() -> None:
     if jobs and not args.summarize:
         for seed in dict.fromkeys(job[1] for job in jobs):  # data and base model of each seed, once
             prepare(_config(args.methods[0], seed, order, settings), Path(args.work_dir))
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool, record.open("a") as sink:
+        with (
+            ProcessPoolExecutor(max_workers=args.jobs, mp_context=SPAWN) as pool,
+            record.open("a") as sink,
+        ):
             for future in as_completed([pool.submit(_one, job) for job in jobs]):
                 result = future.result()
                 done.append(result)

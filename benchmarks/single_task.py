@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+# Fresh interpreters, not forks: a process forked after torch ran its thread pool (the base
+# model pretrained here) can hang in its first parallel op.
+SPAWN = multiprocessing.get_context("spawn")
 ROOT = Path(__file__).resolve().parents[1]
 BAR = 0.85  # every task, trained alone with the default budget, must reach this test accuracy
 
@@ -55,7 +59,7 @@ def main() -> None:
     settings = tuple(args.settings)
     jobs = [(m, t, args.seed, args.work_dir, args.out, settings) for t in args.tasks for m in args.methods]
     started = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=SPAWN) as pool:
         results = list(pool.map(_one, jobs))
     wall = time.perf_counter() - started
 
