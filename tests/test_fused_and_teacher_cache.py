@@ -12,10 +12,9 @@ from tests.conftest import randomize_adapters
 from trainables.batching import SampleSet
 from trainables.losses import causal_lm_logits
 from trainables.methods import MethodConfig, build_method
-from trainables.mode import image_token_mask, route_as
+from trainables.mode import image_token_mask
 from trainables.mode.layer import InputDropout
 from trainables.mode.reference import loop_image_mask, official_style
-from trainables.mode.routing import RoutingState
 from trainables.teacher_cache import TeacherCache, load_or_build, model_fingerprint
 
 
@@ -51,37 +50,6 @@ def test_fused_layer_matches_the_official_per_expert_computation(make_model, ids
     assert fused_grads.keys() == reference_grads.keys() and fused_grads
     for parameter in fused_grads:
         torch.testing.assert_close(fused_grads[parameter], reference_grads[parameter], rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("route", ["image", "text"])
-def test_single_modality_forward_equals_the_fused_product_and_leaves_the_other_modality_alone(
-    make_model, ids, seq, route, monkeypatch
-):
-    """A forward whose tokens are all of one modality (the distillation stream, image decoding) runs
-    that modality's adapter alone; the fused product over every block gives the same values."""
-    method = build_method(MethodConfig(name="mode", r=4, num_experts=3, dropout=0.0), ids)
-    model = _attached(method, make_model)
-    randomize_adapters(model, scale=0.1)
-    tokens = _mixed_batch(seq)
-
-    def outputs_and_grads():
-        model.zero_grad(set_to_none=True)
-        with route_as(model, route):
-            logits = causal_lm_logits(model, tokens)
-        logits.square().mean().backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        return logits.detach(), grads
-
-    alone, alone_grads = outputs_and_grads()
-    monkeypatch.setattr(RoutingState, "single_modality", lambda self: None)  # force the fused product
-    fused, fused_grads = outputs_and_grads()
-    torch.testing.assert_close(alone, fused, rtol=1e-5, atol=1e-6)
-    other = "mode_text" if route == "image" else "mode_image"
-    for name, grad in fused_grads.items():
-        if other in name:  # the fused product's zero-weighted blocks: zero; the single path: not computed
-            assert torch.count_nonzero(grad) == 0 and alone_grads[name] is None, name
-        else:
-            torch.testing.assert_close(alone_grads[name], grad, rtol=1e-4, atol=1e-7)
 
 
 def test_input_dropout_keeps_each_element_with_probability_1_minus_p_and_rescales():

@@ -8,9 +8,7 @@ All experts and the V-Adapter are computed as one fused product: their A matrice
 into ``[(E+1)·r, in]``, each token's rank-r blocks are weighted by its router gate (text tokens)
 or by 1 (image tokens, V-Adapter block) or by 0 (the other modality), and one stacked B
 ``[out, (E+1)·r]`` maps back. A zero weight makes both the output and the gradient of the unused
-block exactly zero, which is what keeps the modalities' parameters decoupled. A forward whose
-tokens are all of one modality (the distillation stream, image decoding, a text-only prompt) runs
-that modality's adapter alone: the same values up to float rounding, at a fifth of the rank.
+block exactly zero, which is what keeps the modalities' parameters decoupled.
 """
 
 from __future__ import annotations
@@ -104,38 +102,18 @@ class MoDELinear(nn.Module):
                 "call the model itself, not a submodule, or wrap the call in trainables.mode.route_as(...)"
             )
         if state.recorder is not None:
-            gates = self.router_gates(x).detach()
+            # no_grad: recording must save nothing for backward (activation checkpointing counts
+            # the tensors saved at forward and at recompute, where the recorder is off).
+            with torch.no_grad():
+                gates = self.router_gates(x)
             state.recorder.append({"layer": self, "image_mask": image_mask.detach(), "gates": gates})
-        if not self.config.experts_on_image_tokens:
-            only = state.single_modality()
-            if only == "image":  # the distillation stream, image decoding: the V-Adapter alone
-                if not self.config.image_adapter:
-                    return result
-                return result + self.image_delta(self.dropout(x)).to(result.dtype)
-            if only == "text":
-                return result + self.text_delta(self.dropout(x), x).to(result.dtype)
         return result + self.fused_delta(x, image_mask).to(result.dtype)
-
-    def text_delta(self, dropped: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(α/r) Σ_j g_j(x) B_j A_j drop(x) for tokens ``x`` (all of them text tokens)."""
-        r, experts = self.config.r, self.config.num_experts
-        a = self.mode_text_A
-        gates = (self.router_gates(x) * self.config.scaling).unsqueeze(-1)  # [..., E, 1], fp32
-        hidden = torch.nn.functional.linear(dropped.to(a.dtype), a)  # [..., E·r]
-        hidden = (hidden.unflatten(-1, (experts, r)) * gates.to(hidden.dtype)).flatten(-2)
-        return torch.nn.functional.linear(hidden, self.mode_text_B)
-
-    def image_delta(self, dropped: torch.Tensor) -> torch.Tensor:
-        """(α/r) B_v A_v drop(x) for tokens ``x`` (all of them image tokens)."""
-        a = self.mode_image_A
-        hidden = torch.nn.functional.linear(dropped.to(a.dtype), a) * self.config.scaling
-        return torch.nn.functional.linear(hidden, self.mode_image_B)
 
     def fused_delta(self, x: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
         """Every token through all blocks, each block weighted by its gate (text tokens), 1 (the
-        V-Adapter on image tokens) or 0 (the other modality): the forwards that mix modalities.
-        Gathering each modality's rows instead costs as much as it saves at the tiny model's
-        widths (measured layer by layer, 2026-12-06)."""
+        V-Adapter on image tokens) or 0 (the other modality). Gathering each modality's rows
+        instead cost as much as it saved at the tiny model's widths (measured layer by layer,
+        2026-12-06)."""
         r, config = self.config.r, self.config
         gates = self.router_gates(x)  # [B, S, E], fp32
         image = image_mask.unsqueeze(-1).to(gates.dtype)  # [B, S, 1]

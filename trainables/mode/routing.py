@@ -62,22 +62,8 @@ class RoutingState:
     inside_at_end: torch.Tensor | None = None
     seen_tokens: int = 0
     recorder: list | None = field(default=None, repr=False)
-    _single: tuple[torch.Tensor, str | None] | None = field(default=None, repr=False)
     # How masks are computed; ``trainables.mode.reference.official_style`` swaps in the per-token loop.
     mask_function: Callable[..., tuple[torch.Tensor, torch.Tensor]] = field(default=image_token_mask, repr=False)
-
-    def single_modality(self) -> str | None:
-        """``"image"`` or ``"text"`` when every token of the current ``image_mask`` is of that
-        modality, else None; computed once per forward (one host sync), shared by every layer."""
-        mask = self.image_mask
-        if self._single is None or self._single[0] is not mask:
-            if isinstance(self.override, str):
-                only = self.override
-            else:
-                count = int(mask.sum())
-                only = "image" if count == mask.numel() else "text" if count == 0 else None
-            self._single = (mask, only)
-        return self._single[1]
 
     def update(
         self, input_ids: torch.Tensor | None, shape: tuple[int, int], past_length: int, device: torch.device
