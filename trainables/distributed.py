@@ -27,10 +27,9 @@ class Distributed:
         if self.world == 1:
             return
         for param in params:
-            if param.grad is None:  # unused on this rank (e.g. no text token in its share): every rank must reduce
-                param.grad = torch.zeros_like(param)
-            torch.distributed.all_reduce(param.grad)
-            param.grad /= self.world
+            if param.grad is not None:
+                torch.distributed.all_reduce(param.grad)
+                param.grad /= self.world
 
     def mean(self, value: float) -> float:
         if self.world == 1:

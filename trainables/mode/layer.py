@@ -101,19 +101,6 @@ class MoDELinear(nn.Module):
                 f"(mask {None if image_mask is None else tuple(image_mask.shape)}, input {tuple(x.shape[:-1])}); "
                 "call the model itself, not a submodule, or wrap the call in trainables.mode.route_as(...)"
             )
-        if state.recorder is not None:
-            # no_grad: recording must save nothing for backward (activation checkpointing counts
-            # the tensors saved at forward and at recompute, where the recorder is off).
-            with torch.no_grad():
-                gates = self.router_gates(x)
-            state.recorder.append({"layer": self, "image_mask": image_mask.detach(), "gates": gates})
-        return result + self.fused_delta(x, image_mask).to(result.dtype)
-
-    def fused_delta(self, x: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-        """Every token through all blocks, each block weighted by its gate (text tokens), 1 (the
-        V-Adapter on image tokens) or 0 (the other modality). Gathering each modality's rows
-        instead cost as much as it saved at the tiny model's widths (measured layer by layer,
-        2026-12-06)."""
         r, config = self.config.r, self.config
         gates = self.router_gates(x)  # [B, S, E], fp32
         image = image_mask.unsqueeze(-1).to(gates.dtype)  # [B, S, 1]
@@ -131,7 +118,10 @@ class MoDELinear(nn.Module):
         hidden = torch.nn.functional.linear(self.dropout(x).to(a.dtype), a)  # [B, S, blocks·r]
         block_weight = (block_weight * config.scaling).to(hidden.dtype).unsqueeze(-1)  # [B, S, blocks, 1]
         hidden = (hidden.unflatten(-1, (blocks, r)) * block_weight).flatten(-2)
-        return torch.nn.functional.linear(hidden, b)  # [B, S, out]
+        delta = torch.nn.functional.linear(hidden, b)  # [B, S, out]
+        if state.recorder is not None:
+            state.recorder.append({"layer": self, "image_mask": image_mask.detach(), "gates": gates.detach()})
+        return result + delta.to(result.dtype)
 
     def extra_repr(self) -> str:
         c = self.config
