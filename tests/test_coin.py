@@ -248,10 +248,11 @@ def test_gradient_checkpointing_keeps_loss_routing_and_gradients(coin):
     assert grads_on.keys() == grads_off.keys() and len(grads_on) > 0
     for name, grad in grads_off.items():
         torch.testing.assert_close(grads_on[name], grad, rtol=1e-5, atol=1e-7, msg=name)
-    # Without the routing replay, HF's recompute routes the task batch by the last (KD) mask.
-    _, grads_plain, _ = run("plain-hf")
-    text_expert = next(n for n in grads_off if "mode_text_B" in n)
-    assert not torch.allclose(grads_plain[text_expert], grads_off[text_expert])
+    # Without the routing replay, HF's recompute of the task batch runs under the routing of the
+    # pass that ran last (the KD pass, all image tokens): the layers take the V-Adapter-only path,
+    # save other tensors than their forward did, and torch's checkpoint refuses the recompute.
+    with pytest.raises(torch.utils.checkpoint.CheckpointError, match="different number of tensors"):
+        run("plain-hf")
 
 
 def test_greedy_decoding_is_the_same_in_any_batch(coin):

@@ -7,12 +7,13 @@ import json
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from tests.conftest import randomize_adapters
 from trainables.batching import SampleSet
-from trainables.losses import causal_lm_logits
+from trainables.losses import causal_lm_logits, unwrap
 from trainables.methods import MethodConfig, build_method
-from trainables.mode import image_token_mask
+from trainables.mode import image_token_mask, mode_layers, route_as
 from trainables.mode.layer import InputDropout
 from trainables.mode.reference import loop_image_mask, official_style
 from trainables.teacher_cache import TeacherCache, load_or_build, model_fingerprint
@@ -50,6 +51,86 @@ def test_fused_layer_matches_the_official_per_expert_computation(make_model, ids
     assert fused_grads.keys() == reference_grads.keys() and fused_grads
     for parameter in fused_grads:
         torch.testing.assert_close(fused_grads[parameter], reference_grads[parameter], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mode", "tmoe_only"])
+def test_inference_path_equals_the_training_forward(make_model, ids, seq, name):
+    """Without autograd, an eval-mode MoDE layer merges the V-Adapter into the base weight and runs
+    the experts on text rows only: the same logits as the fused forward, within float rounding, on a
+    padded mixed batch, on an all-image batch and while decoding from a KV cache."""
+    method = build_method(MethodConfig(name=name, r=4, num_experts=3, dropout=0.1), ids)
+    model = _attached(method, make_model).eval()
+    randomize_adapters(model, scale=0.1)
+    layers = [layer for _, layer in mode_layers(model)]
+    tokens = _mixed_batch(seq)
+    image_only = torch.tensor([seq.image([0, 1, 2, 3, 4, 5]), seq.image([6, 7, 8, 9, 10, 11])])
+    for batch in (tokens, image_only):
+        with torch.enable_grad():
+            fused = causal_lm_logits(model, batch)
+        assert not any(layer._inference_ready(torch.zeros(1)) for layer in layers)  # autograd on
+        with torch.no_grad():
+            assert all(layer._inference_ready(torch.zeros(1)) for layer in layers)
+            inferred = causal_lm_logits(model, batch)
+        if batch is tokens or name == "mode":  # tmoe_only leaves image tokens to the base
+            assert not torch.equal(fused, causal_lm_logits(make_model(), batch).detach())  # adapters matter
+        torch.testing.assert_close(inferred, fused.detach(), rtol=1e-5, atol=1e-5)
+    # Decoding: a text prompt, then image tokens one at a time from the KV cache.
+    prompt = torch.tensor([seq.generation("draw three", [])[:-1], seq.generation("draw one", [])[:-1]])
+    with torch.enable_grad():
+        fused = _greedy_image_logits(model, prompt, seq.ids)
+    with torch.no_grad():
+        inferred = _greedy_image_logits(model, prompt, seq.ids)
+    torch.testing.assert_close(inferred, fused.detach(), rtol=1e-5, atol=1e-5)
+
+
+def _greedy_image_logits(model, prompt: torch.Tensor, ids, steps: int = 5) -> torch.Tensor:
+    """Logits of ``steps`` greedy decoding steps after ``prompt`` + begin-image, with a KV cache."""
+    lm = unwrap(model)
+    cache = DynamicCache(config=lm.config)
+    codes = torch.tensor(ids.image_codes)
+    begin = torch.full((prompt.shape[0], 1), ids.begin_image)
+    hidden = lm.model(input_ids=torch.cat([prompt, begin], 1), cache=cache, use_cache=True).last_hidden_state
+    logits = []
+    for _ in range(steps):
+        logits.append(lm.lm_head(hidden[:, -1]))
+        token = codes[logits[-1][:, codes].argmax(-1)]
+        hidden = lm.model(input_ids=token[:, None], cache=cache, use_cache=True).last_hidden_state
+    return torch.stack(logits, dim=1)
+
+
+def test_inference_path_is_not_taken_for_experts_on_image_tokens_or_in_training(make_model, ids):
+    moelora = _attached(build_method(MethodConfig(name="moelora", r=4, num_experts=3), ids), make_model).eval()
+    mode = _attached(build_method(MethodConfig(name="mode", r=4, num_experts=3), ids), make_model).train()
+    with torch.no_grad():
+        assert not any(layer._inference_ready(torch.zeros(1)) for _, layer in mode_layers(moelora))
+        assert not any(layer._inference_ready(torch.zeros(1)) for _, layer in mode_layers(mode))  # dropout on
+
+
+def test_all_image_forward_runs_the_image_adapter_alone_with_the_fused_result(make_model, ids, seq):
+    """``route_as(model, "image")`` (the distillation stream) skips the experts and the router; the
+    loss, the V-Adapter's gradient and the dropout masks equal those of the fused product with an
+    explicit all-image mask, and the experts get no gradient."""
+    method = build_method(MethodConfig(name="mode", r=4, num_experts=3, dropout=0.2), ids)
+    model = _attached(method, make_model).train()
+    randomize_adapters(model, scale=0.1)
+    stream = torch.tensor([seq.image([0, 1, 2, 3, 4, 5]), seq.image([6, 7, 8, 9, 10, 11])])
+
+    def loss_and_grads(route):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        with route_as(model, route):
+            loss = causal_lm_logits(model, stream).square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    alone, alone_grads = loss_and_grads("image")
+    fused, fused_grads = loss_and_grads(torch.ones(stream.shape, dtype=torch.bool))
+    torch.testing.assert_close(alone, fused, rtol=1e-6, atol=1e-7)
+    for name, grad in fused_grads.items():
+        if "mode_image" in name:
+            torch.testing.assert_close(alone_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        else:
+            assert alone_grads[name] is None and torch.count_nonzero(grad) == 0, name
 
 
 def test_input_dropout_keeps_each_element_with_probability_1_minus_p_and_rescales():
@@ -163,3 +244,17 @@ def test_a_damaged_teacher_cache_is_rebuilt_with_a_warning(make_model, ids, seq,
     assert any("unreadable" in m and "rebuilding" in m for m in messages)
     assert torch.equal(rebuilt.logits, good.logits)
     assert torch.equal(TeacherCache.read(tmp_path / good.key).logits, good.logits)
+
+
+def test_the_base_fingerprint_does_not_depend_on_the_folder_it_was_read_from(make_model, tmp_path):
+    from transformers import ChameleonForConditionalGeneration
+
+    make_model().save_pretrained(tmp_path / "here")
+    make_model().save_pretrained(tmp_path / "elsewhere" / "there")
+    here = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "here")
+    there = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "elsewhere" / "there")
+    assert here.config._name_or_path != there.config._name_or_path
+    assert model_fingerprint(here) == model_fingerprint(there)
+    with torch.no_grad():
+        next(there.parameters())[0, 0] += 1.0
+    assert model_fingerprint(here) != model_fingerprint(there)

@@ -91,5 +91,6 @@ def test_distillation_gradient_reaches_only_the_image_adapter(make_model, ids, s
     kd = method.distillation(model, StreamBatch(stream, torch.ones_like(stream)))
     assert kd.item() > 0
     grads = _grads(model, kd)
-    assert all(torch.count_nonzero(g) == 0 for n, g in grads.items() if "mode_text" in n)
-    assert all(torch.count_nonzero(g) > 0 for n, g in grads.items() if "mode_image" in n)
+    # An all-image forward runs the V-Adapter alone: the experts and router get no gradient at all.
+    assert all(g is None for n, g in grads.items() if "mode_text" in n)
+    assert all(g is not None and torch.count_nonzero(g) > 0 for n, g in grads.items() if "mode_image" in n)

@@ -52,8 +52,11 @@ def model_fingerprint(model: nn.Module, state_dict: dict[str, torch.Tensor] | No
     model's own (e.g. the base weights inside an adapted model, under their base names)."""
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        digest.update(config.to_json_string(use_diff=False).encode())
+    if config is not None and hasattr(config, "to_dict"):
+        # Where the weights were loaded from is not what they are: the same base read from another
+        # folder (a relative or an absolute work dir, another node's path) must find the same cache.
+        described = {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+        digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, tensor in sorted((model.state_dict() if state_dict is None else state_dict).items()):
             flat = tensor.detach().reshape(-1)

@@ -21,14 +21,14 @@ from trainables.mode.routing import RoutingState
 
 
 @contextmanager
-def _replay(state: RoutingState, image_mask, teacher: bool) -> Iterator[None]:
-    saved = (state.image_mask, state.teacher, state.recorder)
+def _replay(state: RoutingState, image_mask, teacher: bool, uniform: str | None) -> Iterator[None]:
+    saved = (state.image_mask, state.teacher, state.uniform, state.recorder)
     # The recorder is off during the replay: the original forward already recorded this call.
-    state.image_mask, state.teacher, state.recorder = image_mask, teacher, None
+    state.image_mask, state.teacher, state.uniform, state.recorder = image_mask, teacher, uniform, None
     try:
         yield
     finally:
-        state.image_mask, state.teacher, state.recorder = saved
+        state.image_mask, state.teacher, state.uniform, state.recorder = saved
 
 
 def routing_context_fn(state: RoutingState):
@@ -36,7 +36,7 @@ def routing_context_fn(state: RoutingState):
     forward-time routing at recompute)."""
 
     def context_fn():
-        return nullcontext(), _replay(state, state.image_mask, state.teacher)
+        return nullcontext(), _replay(state, state.image_mask, state.teacher, state.uniform)
 
     return context_fn
 

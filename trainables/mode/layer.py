@@ -90,10 +90,9 @@ class MoDELinear(nn.Module):
             return torch.softmax(logits, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         state = self.routing
         if state.teacher:
-            return result
+            return self.base_layer(x)
         image_mask = state.image_mask
         if image_mask is None or image_mask.shape != x.shape[:-1]:
             raise RuntimeError(
@@ -101,7 +100,12 @@ class MoDELinear(nn.Module):
                 f"(mask {None if image_mask is None else tuple(image_mask.shape)}, input {tuple(x.shape[:-1])}); "
                 "call the model itself, not a submodule, or wrap the call in trainables.mode.route_as(...)"
             )
+        if self._inference_ready(x):
+            return self._inference_forward(x, image_mask)
+        result = self.base_layer(x)
         r, config = self.config.r, self.config
+        if state.uniform == "image" and not config.experts_on_image_tokens:
+            return result + self._image_only_delta(x, image_mask)
         gates = self.router_gates(x)  # [B, S, E], fp32
         image = image_mask.unsqueeze(-1).to(gates.dtype)  # [B, S, 1]
         text_weight = gates if config.experts_on_image_tokens else gates * (1.0 - image)
@@ -122,6 +126,65 @@ class MoDELinear(nn.Module):
         if state.recorder is not None:
             state.recorder.append({"layer": self, "image_mask": image_mask.detach(), "gates": gates.detach()})
         return result + delta.to(result.dtype)
+
+    def _image_only_delta(self, x: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+        """The adapter term of a forward whose tokens are all image tokens (the distillation
+        stream): the V-Adapter alone, rank r instead of (E+1)·r and no router, since the experts'
+        block weights would all be 0. Same dropout draw as the fused product, so the same mask."""
+        config = self.config
+        if self.routing.recorder is not None:
+            with torch.no_grad():
+                gates = self.router_gates(x)
+            self.routing.recorder.append({"layer": self, "image_mask": image_mask.detach(), "gates": gates})
+        dropped = self.dropout(x)
+        if not config.image_adapter:
+            return torch.zeros((), dtype=x.dtype, device=x.device)
+        hidden = torch.nn.functional.linear(dropped.to(self.mode_image_A.dtype), self.mode_image_A)
+        delta = torch.nn.functional.linear(hidden * config.scaling, self.mode_image_B)
+        return delta.to(x.dtype)
+
+    def _inference_ready(self, x: torch.Tensor) -> bool:
+        """Whether the inference path applies: no autograd, no dropout, nothing recorded, experts
+        on text tokens only, and a plain fp32 base (merging an adapter into a bf16 weight would round
+        it away)."""
+        return (
+            not self.training
+            and not torch.is_grad_enabled()
+            and self.routing.recorder is None
+            and not self.config.experts_on_image_tokens
+            and type(self.base_layer) is nn.Linear
+            and self.base_layer.weight.dtype == torch.float32
+            and x.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
+    def _inference_forward(self, x: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+        """The same layer without autograd, at about the base layer's cost.
+
+        Image tokens see a single weight, the base with the V-Adapter merged in
+        (``W + (α/r) B_v A_v``; no adapter: ``W``), so the adapter costs nothing per token there.
+        Only the text tokens (a few per sequence in evaluation prompts; none while an image is
+        decoded) go through the router and the experts, on their own gathered rows. Equal to the
+        training forward up to float rounding (merged product vs product of products).
+        """
+        base, config = self.base_layer, self.config
+        weight = base.weight
+        if config.image_adapter:
+            weight = torch.addmm(weight, self.mode_image_B, self.mode_image_A, alpha=config.scaling)
+        result = torch.nn.functional.linear(x, weight, base.bias)
+        if self.routing.uniform == "image":
+            return result
+        text_rows = (~image_mask).reshape(-1).nonzero().squeeze(-1)
+        if text_rows.numel() == 0:
+            return result
+        text = x.reshape(-1, x.shape[-1]).index_select(0, text_rows)  # [T, in]
+        r, experts = config.r, config.num_experts
+        gates = self.router_gates(text) * config.scaling  # [T, E]
+        hidden = torch.nn.functional.linear(text, self.mode_text_A).unflatten(-1, (experts, r))
+        delta = torch.nn.functional.linear((hidden * gates.unsqueeze(-1)).flatten(-2), self.mode_text_B)
+        flat = result.reshape(-1, result.shape[-1])
+        flat.index_copy_(0, text_rows, base(text) + delta)
+        return result
 
     def extra_repr(self) -> str:
         c = self.config

@@ -61,6 +61,9 @@ class RoutingState:
     image_mask: torch.Tensor | None = None
     inside_at_end: torch.Tensor | None = None
     seen_tokens: int = 0
+    # "image" / "text" when every token of the forward is of that modality (known from the
+    # override, without reading the mask back from the device); None when mixed or unknown.
+    uniform: str | None = None
     recorder: list | None = field(default=None, repr=False)
     # How masks are computed; ``trainables.mode.reference.official_style`` swaps in the per-token loop.
     mask_function: Callable[..., tuple[torch.Tensor, torch.Tensor]] = field(default=image_token_mask, repr=False)
@@ -70,6 +73,7 @@ class RoutingState:
     ) -> None:
         """Compute the mask for a forward over ``shape`` = (batch, new tokens) after ``past_length`` cached."""
         batch, length = shape
+        self.uniform = self.override if isinstance(self.override, str) else None
         if isinstance(self.override, torch.Tensor):
             if tuple(self.override.shape) != (batch, length):
                 raise ValueError(
