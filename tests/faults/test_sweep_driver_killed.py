@@ -1,4 +1,4 @@
-"""The sweep driver (`mode-cl sweep`, its whole process group, the local Ray it started included)
+"""The sweep driver (`mode-cl sweep --name`, its whole process group, the local Ray it started included)
 is SIGKILLed after a first task checkpoint. `mode-cl resume` first refuses a space edited since,
 with the diff, then finishes the sweep: one MLflow child run per trial (reopened, not duplicated),
 every metric at every stage exactly once, no task trained twice, each trial's results equal to an
@@ -31,8 +31,8 @@ def test_killed_sweep_driver_resumes_to_the_uninterrupted_results(tmp_path):
     from mlflow.tracking import MlflowClient
 
     (tmp_path / "micro.yaml").write_text(MICRO_RUN)
-    space = tmp_path / "killed.yaml"
-    space.write_text(f"name: killed\nrun_config: micro.yaml\ngrid:\n  method.kd_weight: [{', '.join(KD_WEIGHTS)}]\n")
+    space = tmp_path / "killed.yaml"  # named on the command line, not by its `name:`, which resume must not use
+    space.write_text(f"name: other\nrun_config: micro.yaml\ngrid:\n  method.kd_weight: [{', '.join(KD_WEIGHTS)}]\n")
     temp_dir = ray_temp_dir()  # the local Ray of each attempt lives under it
     env = {**os.environ, "RAY_TMPDIR": str(temp_dir)}
     env.pop("RAY_ADDRESS", None)
@@ -43,7 +43,7 @@ def test_killed_sweep_driver_resumes_to_the_uninterrupted_results(tmp_path):
     try:
         with (tmp_path / "first.log").open("w") as log:
             first = subprocess.Popen(
-                [MODE_CL, "sweep", str(space), *common],
+                [MODE_CL, "sweep", str(space), "--name", "killed", *common],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
             )  # fmt: skip
         train_dir = tmp_path / "sweeps" / "killed" / "train"
@@ -69,6 +69,10 @@ def test_killed_sweep_driver_resumes_to_the_uninterrupted_results(tmp_path):
         # Each worker's closing line reaches the driver once (Train V2's print patch used to tee it).
         finished = re.findall(r"pid=(\d+)\S* \[mode-cl worker\] sequence finished", result.stdout + result.stderr)
         assert finished and max(Counter(finished).values()) == 1, finished
+        # The trial killed after its first task goes on from its checkpoint, in the sweep's Train
+        # runs (under --name), not from scratch under the space file's `name:`.
+        assert "resuming from checkpoint ckpt_t" in result.stdout + result.stderr
+        assert not (tmp_path / "sweeps" / "other").exists()
 
         server.start()
         client = MlflowClient(server.uri)
