@@ -133,6 +133,43 @@ def test_all_image_forward_runs_the_image_adapter_alone_with_the_fused_result(ma
             assert alone_grads[name] is None and torch.count_nonzero(grad) == 0, name
 
 
+@pytest.mark.parametrize("name", ["seq_lora", "lwf", "replay"])
+def test_lora_evaluation_merges_the_adapter_and_puts_the_base_back_bit_for_bit(make_model, ids, seq, name):
+    """peft LoRA methods evaluate with the adapter merged into the frozen weights: the same logits
+    within float rounding, and afterwards every weight exactly as before (an unmerge alone rounds)."""
+    method = build_method(MethodConfig(name=name, r=4, num_experts=3), ids)
+    model = method.attach(make_model())
+    randomize_adapters(model, scale=0.1)
+    tokens = _mixed_batch(seq)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.eval()
+    with torch.no_grad():
+        unmerged = causal_lm_logits(model, tokens)
+        with method.evaluation(model):
+            assert all(layer.merged for layer in _lora_layers(model))
+            merged = causal_lm_logits(model, tokens)
+        again = causal_lm_logits(model, tokens)
+    assert not any(layer.merged for layer in _lora_layers(model))
+    assert not torch.equal(merged, unmerged)  # a merged forward really ran
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, unmerged)
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_lora_evaluation_leaves_a_bf16_base_unmerged(make_model, ids):
+    method = build_method(MethodConfig(name="seq_lora", r=4, num_experts=3), ids)
+    model = method.attach(make_model()).to(torch.bfloat16)
+    with method.evaluation(model):
+        assert not any(layer.merged for layer in _lora_layers(model))
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [module for module in model.modules() if isinstance(module, LoraLayer)]
+
+
 def test_input_dropout_keeps_each_element_with_probability_1_minus_p_and_rescales():
     torch.manual_seed(0)
     dropout = InputDropout(0.2).train()

@@ -82,7 +82,7 @@ class Session:
             )
 
     def evaluate(self, stage: int) -> tuple[list[float], dict[str, float]]:
-        with self.run.timer("evaluate"):
+        with self.run.timer("evaluate"), self.method.evaluation(self.model):
             row, scores = evaluate_stage(self.run.bench, self.model, self.run.config, stage, self.run.dist)
         self.progress.acc_matrix.append(row)
         self.progress.generation.append(scores)

@@ -18,7 +18,7 @@ task). ``teacher(model)`` is a context in which the model computes the frozen ba
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -168,6 +168,11 @@ class Method:
 
     def teacher(self, model: nn.Module) -> AbstractContextManager:
         raise NotImplementedError
+
+    def evaluation(self, model: nn.Module) -> AbstractContextManager:
+        """Around each stage's evaluation (no gradients, eval mode): the model may be put in a
+        faster form that computes the same function, and must be exactly as before on exit."""
+        return nullcontext()
 
     def save(self, model: nn.Module, directory: str | Path) -> Path:
         raise NotImplementedError

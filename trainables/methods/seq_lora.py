@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from trainables.adapter_io import assign_strict, compare_configs, read_adapter, save_adapter
@@ -43,6 +44,38 @@ def targeted_linears(model: nn.Module, target_modules: Iterable[str]) -> list[tu
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets
     ]
+
+
+@contextmanager
+def merged_for_evaluation(model: nn.Module) -> Iterator[None]:
+    """peft's LoRA merged into the frozen weights while a stage is evaluated: ``W + (α/r)·B·A``, one
+    product per layer instead of three (about a third less evaluation time on the digits model).
+    On exit the adapters are unmerged and the base weights put back bit for bit, since
+    ``W + Δ − Δ`` rounds. Nothing is merged on a base that is not plain fp32 ``nn.Linear``: a bf16
+    weight would round the adapter's contribution away."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    bases = [layer.get_base_layer() for layer in layers]
+    mergeable = (
+        layers
+        and not any(layer.merged for layer in layers)
+        and all(type(base) is nn.Linear and base.weight.dtype == torch.float32 for base in bases)
+    )
+    if not mergeable:
+        yield
+        return
+    saved = [base.weight.detach().clone() for base in bases]
+    for layer in layers:
+        layer.merge()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.unmerge()
+        with torch.no_grad():
+            for base, weight in zip(bases, saved, strict=True):
+                base.weight.copy_(weight)
 
 
 @register_method
@@ -96,6 +129,9 @@ class SeqLoRA(Method):
 
     def teacher(self, model: nn.Module) -> AbstractContextManager:
         return model.disable_adapter()
+
+    def evaluation(self, model: nn.Module) -> AbstractContextManager:
+        return merged_for_evaluation(model)
 
     def _state(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return {name: p for name, p in model.named_parameters() if "lora_" in name}
