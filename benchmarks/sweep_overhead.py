@@ -171,8 +171,9 @@ def main() -> None:
     if args.repeats < 1:
         parser.error("--repeats: at least 1")
     work_dir = args.work_dir.resolve()
-    if not args.keep_caches:
-        shutil.rmtree(work_dir, ignore_errors=True)
+    # The runs' own folders always go: run_sequence would resume a finished back-to-back run from them.
+    for folder in (work_dir,) if not args.keep_caches else (work_dir / "back_to_back", work_dir / "warm"):
+        shutil.rmtree(folder, ignore_errors=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     space_file, trials = subset_space(Path(args.space), args.trials, work_dir / "space.yaml", f"overhead-{stamp}")

@@ -112,7 +112,7 @@ def open_for_resume(name_or_path: str, storage: str) -> ResumableSweep:
         raise SweepError(f"{record['space']}: the sweep's space file cannot be read ({error})") from None
     # The sweep's name is its directory's, which `mode-cl sweep --name` may have set instead of the
     # file's `name:`; the trials' Train runs live under it, so the file's name would restart them.
-    space.name = directory.name
+    space.name = directory.resolve().name  # resolved: `mode-cl resume .` inside the sweep's folder
     if "space_settings" in record and space_settings(space) != record["space_settings"]:
         raise SweepError(
             f"{record['space']} changed since sweep {directory.name!r} started "

@@ -157,9 +157,29 @@ def test_lora_evaluation_merges_the_adapter_and_puts_the_base_back_bit_for_bit(m
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
 
 
-def test_lora_evaluation_leaves_a_bf16_base_unmerged(make_model, ids):
+def test_lora_evaluation_puts_the_weights_back_when_the_evaluation_fails(make_model, ids):
     method = build_method(MethodConfig(name="seq_lora", r=4, num_experts=3), ids)
-    model = method.attach(make_model()).to(torch.bfloat16)
+    model = method.attach(make_model())
+    randomize_adapters(model, scale=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="evaluation failed"), method.evaluation(model):
+        assert all(layer.merged for layer in _lora_layers(model))
+        raise RuntimeError("evaluation failed")
+    assert not any(layer.merged for layer in _lora_layers(model))
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("case", ["bf16 base", "output head targeted"])
+def test_lora_evaluation_merges_nothing_where_merging_would_change_the_result(make_model, ids, case):
+    """A bf16 weight would round the adapter away; the output head may be read directly by a
+    benchmark (and may be tied to the input embeddings)."""
+    targets = ("gate_proj", "up_proj", "down_proj") + (("lm_head",) if case == "output head targeted" else ())
+    method = build_method(MethodConfig(name="seq_lora", r=4, num_experts=3, target_modules=targets), ids)
+    model = method.attach(make_model())
+    if case == "bf16 base":
+        model = model.to(torch.bfloat16)
+    else:
+        assert any(name.endswith("lm_head") for name, m in model.named_modules() if m in _lora_layers(model))
     with method.evaluation(model):
         assert not any(layer.merged for layer in _lora_layers(model))
 

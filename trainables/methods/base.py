@@ -12,7 +12,8 @@ A method is one class, selected by its ``NAME`` (registered with
         and ``load_state_dict(state)``.
 
 ``trainable_parameters(model)`` is read at the start of every task (a method may add adapters per
-task). ``teacher(model)`` is a context in which the model computes the frozen base model's outputs.
+task). ``teacher(model)`` is a context in which the model computes the frozen base model's outputs;
+``evaluation(model)`` is a context around each stage's evaluation.
 """
 
 from __future__ import annotations
@@ -170,8 +171,9 @@ class Method:
         raise NotImplementedError
 
     def evaluation(self, model: nn.Module) -> AbstractContextManager:
-        """Around each stage's evaluation (no gradients, eval mode): the model may be put in a
-        faster form that computes the same function, and must be exactly as before on exit."""
+        """Around each stage's evaluation, entered right after training (the benchmark then
+        evaluates in eval mode without gradients): the model may be put in a faster form that
+        computes the same function, and must be exactly as before on exit, exceptions included."""
         return nullcontext()
 
     def save(self, model: nn.Module, directory: str | Path) -> Path:
