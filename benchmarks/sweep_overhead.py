@@ -171,8 +171,10 @@ def main() -> None:
     if args.repeats < 1:
         parser.error("--repeats: at least 1")
     work_dir = args.work_dir.resolve()
-    # The runs' own folders always go: run_sequence would resume a finished back-to-back run from them.
-    for folder in (work_dir,) if not args.keep_caches else (work_dir / "back_to_back", work_dir / "warm"):
+    # --keep-caches keeps data, base model and teacher cache, never the runs' own folders:
+    # run_sequence would resume a finished back-to-back run from them.
+    stale = [work_dir / "back_to_back", work_dir / "warm"] if args.keep_caches else [work_dir]
+    for folder in stale:
         shutil.rmtree(folder, ignore_errors=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

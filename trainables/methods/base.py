@@ -171,9 +171,10 @@ class Method:
         raise NotImplementedError
 
     def evaluation(self, model: nn.Module) -> AbstractContextManager:
-        """Around each stage's evaluation, entered right after training (the benchmark then
-        evaluates in eval mode without gradients): the model may be put in a faster form that
-        computes the same function, and must be exactly as before on exit, exceptions included."""
+        """Around each stage's evaluation, stage 0 included, entered with gradients on and the
+        model in whatever mode it was left (the benchmark then evaluates in eval mode without
+        gradients): the model may be put in a faster form that computes the same function, and
+        must be exactly as before on exit, exceptions included."""
         return nullcontext()
 
     def save(self, model: nn.Module, directory: str | Path) -> Path:
