@@ -14,7 +14,7 @@ from trainables.batching import SampleSet
 from trainables.losses import causal_lm_logits, unwrap
 from trainables.methods import MethodConfig, build_method
 from trainables.mode import image_token_mask, mode_layers, route_as
-from trainables.mode.layer import InputDropout
+from trainables.mode.layer import InputDropout, MoDELinear
 from trainables.mode.reference import loop_image_mask, official_style
 from trainables.teacher_cache import TeacherCache, load_or_build, model_fingerprint
 
@@ -29,8 +29,18 @@ def _mixed_batch(seq) -> torch.Tensor:
     return torch.tensor([r + [seq.ids.pad] * (width - len(r)) for r in rows])
 
 
+@pytest.fixture
+def fused_only(monkeypatch):
+    """Mixed batches through the fused product of all blocks, as on an accelerator, not through
+    the per-modality rows the CPU takes."""
+    monkeypatch.setattr(MoDELinear, "_split_ready", lambda self, x: False)
+
+
+@pytest.mark.parametrize("path", ["cpu rows", "fused"])
 @pytest.mark.parametrize("name", ["mode", "tmoe_only", "moelora"])
-def test_fused_layer_matches_the_official_per_expert_computation(make_model, ids, seq, name):
+def test_fused_layer_matches_the_official_per_expert_computation(make_model, ids, seq, name, path, request):
+    if path == "fused":
+        request.getfixturevalue("fused_only")
     method = build_method(MethodConfig(name=name, r=4, num_experts=3, dropout=0.0), ids)
     model = _attached(method, make_model)
     randomize_adapters(model, scale=0.1)
@@ -98,6 +108,45 @@ def _greedy_image_logits(model, prompt: torch.Tensor, ids, steps: int = 5) -> to
     return torch.stack(logits, dim=1)
 
 
+@pytest.mark.parametrize("name", ["mode", "tmoe_only"])
+def test_per_modality_rows_equal_the_fused_product_with_the_same_dropout_masks(make_model, ids, seq, name, monkeypatch):
+    """On CPU a mixed batch runs the V-Adapter on every row and the experts on the text rows
+    alone; with the same seed it draws the same dropout masks as the fused product and gives the
+    same output and gradients, within float rounding."""
+    method = build_method(MethodConfig(name=name, r=4, num_experts=3, dropout=0.3), ids)
+    model = _attached(method, make_model).train()
+    randomize_adapters(model, scale=0.1)
+    tokens = _mixed_batch(seq)
+    taken = []
+    split = MoDELinear._split
+
+    def spy(self, *args):
+        taken.append(self)
+        return split(self, *args)
+
+    monkeypatch.setattr(MoDELinear, "_split", spy)
+
+    def outputs_and_grads():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        logits = causal_lm_logits(model, tokens)
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    rows, rows_grads = outputs_and_grads()
+    assert len(taken) == len(mode_layers(model))
+    monkeypatch.setattr(MoDELinear, "_split_ready", lambda self, x: False)
+    fused, fused_grads = outputs_and_grads()
+    assert len(taken) == len(mode_layers(model))  # the fused product this time
+    torch.testing.assert_close(rows, fused, rtol=1e-5, atol=1e-6)
+    assert rows_grads.keys() == fused_grads.keys()
+    for parameter, grad in fused_grads.items():
+        if grad is None:  # tmoe_only: nothing on image tokens
+            assert rows_grads[parameter] is None
+        else:
+            torch.testing.assert_close(rows_grads[parameter], grad, rtol=1e-4, atol=1e-6, msg=parameter)
+
+
 def test_inference_path_is_not_taken_for_experts_on_image_tokens_or_in_training(make_model, ids):
     moelora = _attached(build_method(MethodConfig(name="moelora", r=4, num_experts=3), ids), make_model).eval()
     mode = _attached(build_method(MethodConfig(name="mode", r=4, num_experts=3), ids), make_model).train()
@@ -106,7 +155,7 @@ def test_inference_path_is_not_taken_for_experts_on_image_tokens_or_in_training(
         assert not any(layer._inference_ready(torch.zeros(1)) for _, layer in mode_layers(mode))  # dropout on
 
 
-def test_all_image_forward_runs_the_image_adapter_alone_with_the_fused_result(make_model, ids, seq):
+def test_all_image_forward_runs_the_image_adapter_alone_with_the_fused_result(make_model, ids, seq, fused_only):
     """``route_as(model, "image")`` (the distillation stream) skips the experts and the router; the
     loss, the V-Adapter's gradient and the dropout masks equal those of the fused product with an
     explicit all-image mask, and the experts get no gradient."""

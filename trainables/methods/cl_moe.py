@@ -210,12 +210,15 @@ class CLMoELinear(MoDELinear):
             return context.mix * instance + (1.0 - context.mix) * global_gates
 
     def _count(self, instance_logits: torch.Tensor, mask: torch.Tensor) -> None:
-        if tuple(mask.shape) != tuple(instance_logits.shape[:-1]):
+        """Count the top-k choices of the tokens ``mask`` selects; the layer may see its input as
+        ``[B, S, in]`` or as rows ``[B·S, in]``, the mask is ``[B, S]``."""
+        if mask.numel() != instance_logits[..., 0].numel():
             shape = tuple(instance_logits.shape[:-1])
             raise RuntimeError(f"cl_moe: counting mask {tuple(mask.shape)} does not match the layer input {shape}")
         with torch.no_grad():
             chosen = instance_logits.topk(min(self.context.top_k_instance, instance_logits.shape[-1]), dim=-1).indices
-            self.instance_counts += torch.bincount(chosen[mask].flatten(), minlength=self.config.num_experts)
+            chosen = chosen.reshape(-1, chosen.shape[-1])[mask.reshape(-1)]
+            self.instance_counts += torch.bincount(chosen.flatten(), minlength=self.config.num_experts)
 
 
 @register_method

@@ -43,6 +43,16 @@ class InputDropout(nn.Module):
         return f"p={self.p}"
 
 
+def add_product(result: torch.Tensor, hidden: torch.Tensor, b: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``result + hidden @ bᵀ`` on rows (``[N, out]``, ``[N, k]``, ``[out, k]``). With ``in_place``
+    (``result`` is a fresh tensor that nothing saved for backward reads, e.g. an ``nn.Linear``
+    output) and matching dtypes, one ``addmm_`` into ``result``: no second pass over the
+    ``[N, out]`` output, forward or backward."""
+    if in_place and result.dtype == hidden.dtype == b.dtype and not torch.is_autocast_enabled(result.device.type):
+        return result.addmm_(hidden, b.t())
+    return result + torch.nn.functional.linear(hidden, b).to(result.dtype)
+
+
 class MoDELinear(nn.Module):
     """A frozen ``nn.Linear`` plus T-MoE experts, a router and (optionally) a V-Adapter.
 
@@ -102,15 +112,26 @@ class MoDELinear(nn.Module):
             )
         if self._inference_ready(x):
             return self._inference_forward(x, image_mask)
+        # On rows [B·S, in]: the adapter products are then added into the base output in place
+        # (an in-place op on a reshaped view would make autograd copy the gradient back).
+        shape, x, image_mask = x.shape, x.reshape(-1, x.shape[-1]), image_mask.reshape(-1)
         result = self.base_layer(x)
+        if state.uniform == "image" and not self.config.experts_on_image_tokens:
+            result = self._image_only(x, result, image_mask, shape)
+        elif self._split_ready(x) and self.routing.text_rows().numel() > 0:
+            result = self._split(x, result, image_mask, shape)
+        else:
+            result = self._fused(x, result, image_mask, shape)
+        return result.view(*shape[:-1], result.shape[-1])
+
+    def _fused(self, x: torch.Tensor, result: torch.Tensor, image_mask: torch.Tensor, shape: torch.Size):
+        """Every row through the stacked product of all blocks, each weighted per token."""
         r, config = self.config.r, self.config
-        if state.uniform == "image" and not config.experts_on_image_tokens:
-            return result + self._image_only_delta(x, image_mask)
-        gates = self.router_gates(x)  # [B, S, E], fp32
-        image = image_mask.unsqueeze(-1).to(gates.dtype)  # [B, S, 1]
+        gates = self.router_gates(x)  # [N, E], fp32
+        image = image_mask.unsqueeze(-1).to(gates.dtype)  # [N, 1]
         text_weight = gates if config.experts_on_image_tokens else gates * (1.0 - image)
-        # One weight per rank-r block ([B, S, E(+1)]), broadcast over the block's r columns below:
-        # cheaper than materialising a [B, S, (E+1)·r] weight, forward and backward. α/r goes in
+        # One weight per rank-r block ([N, E(+1)]), broadcast over the block's r columns below:
+        # cheaper than materialising a [N, (E+1)·r] weight, forward and backward. α/r goes in
         # here, onto the blocks, not onto the out-wide delta.
         if config.image_adapter:
             block_weight = torch.cat([text_weight, image], dim=-1)
@@ -119,29 +140,87 @@ class MoDELinear(nn.Module):
         else:
             block_weight, a, b = text_weight, self.mode_text_A, self.mode_text_B
         blocks = block_weight.shape[-1]
-        hidden = torch.nn.functional.linear(self.dropout(x).to(a.dtype), a)  # [B, S, blocks·r]
-        block_weight = (block_weight * config.scaling).to(hidden.dtype).unsqueeze(-1)  # [B, S, blocks, 1]
+        hidden = torch.nn.functional.linear(self.dropout(x).to(a.dtype), a)  # [N, blocks·r]
+        block_weight = (block_weight * config.scaling).to(hidden.dtype).unsqueeze(-1)  # [N, blocks, 1]
         hidden = (hidden.unflatten(-1, (blocks, r)) * block_weight).flatten(-2)
-        delta = torch.nn.functional.linear(hidden, b)  # [B, S, out]
-        if state.recorder is not None:
-            state.recorder.append({"layer": self, "image_mask": image_mask.detach(), "gates": gates.detach()})
-        return result + delta.to(result.dtype)
+        self._record(image_mask, gates, shape)
+        return add_product(result, hidden, b, self._owns_output)
 
-    def _image_only_delta(self, x: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-        """The adapter term of a forward whose tokens are all image tokens (the distillation
-        stream): the V-Adapter alone, rank r instead of (E+1)·r and no router, since the experts'
-        block weights would all be 0. Same dropout draw as the fused product, so the same mask."""
+    def _record(self, image_mask: torch.Tensor, gates: torch.Tensor, shape: torch.Size) -> None:
+        """Append this call's mask ``[B, S]`` and gates ``[B, S, E]`` to the recorder, if one listens."""
+        if self.routing.recorder is not None:
+            batch_shape = shape[:-1]
+            self.routing.recorder.append(
+                {
+                    "layer": self,
+                    "image_mask": image_mask.detach().view(batch_shape),
+                    "gates": gates.detach().view(*batch_shape, gates.shape[-1]),
+                }
+            )
+
+    def _image_only(
+        self, x: torch.Tensor, result: torch.Tensor, image_mask: torch.Tensor, shape: torch.Size
+    ) -> torch.Tensor:
+        """A forward whose tokens are all image tokens (the distillation stream): the V-Adapter
+        alone, rank r instead of (E+1)·r and no router, since the experts' block weights would all
+        be 0. Same dropout draw as the fused product, so the same mask."""
         config = self.config
         if self.routing.recorder is not None:
             with torch.no_grad():
-                gates = self.router_gates(x)
-            self.routing.recorder.append({"layer": self, "image_mask": image_mask.detach(), "gates": gates})
+                self._record(image_mask, self.router_gates(x), shape)
         dropped = self.dropout(x)
         if not config.image_adapter:
-            return torch.zeros((), dtype=x.dtype, device=x.device)
+            return result
         hidden = torch.nn.functional.linear(dropped.to(self.mode_image_A.dtype), self.mode_image_A)
-        delta = torch.nn.functional.linear(hidden * config.scaling, self.mode_image_B)
-        return delta.to(x.dtype)
+        return add_product(result, hidden * config.scaling, self.mode_image_B, self._owns_output)
+
+    @property
+    def _owns_output(self) -> bool:
+        """Whether the base layer's output may be written in place: a plain ``nn.Linear`` saves its
+        input and weight for backward, never its output (another base type might)."""
+        return type(self.base_layer) is nn.Linear
+
+    def _split_ready(self, x: torch.Tensor) -> bool:
+        """Whether a mixed forward computes each modality's adapter on its own rows: on CPU, where
+        the fused product's zero-weighted blocks cost as much as the used ones (the experts' E·r
+        columns on every image token, most of a task batch) and a row gather is cheap; experts on
+        text tokens only. Not on whether a recorder listens: a checkpointed layer's recompute runs
+        without one and must take the path its forward took. A batch without
+        text rows takes the fused product, whose zero-weighted experts still get a (zero) gradient,
+        which the optimizer's weight decay and momentum act on, as on every other step."""
+        return (
+            x.device.type == "cpu"
+            and not self.config.experts_on_image_tokens
+            and self.routing.uniform is None
+        )
+
+    def _split(
+        self, x: torch.Tensor, result: torch.Tensor, image_mask: torch.Tensor, shape: torch.Size
+    ) -> torch.Tensor:
+        """The fused product's output, each modality's adapter on its own rows: the V-Adapter
+        (rank r) on every row, weighted by the image mask, and the router and experts (rank E·r)
+        only on the gathered text rows, added to theirs in place. The same dropout draw as the
+        fused product, so the same mask; equal to it up to float rounding, gradients included."""
+        config, r = self.config, self.config.r
+        if self.routing.recorder is not None:  # records hold every token's gates
+            with torch.no_grad():
+                self._record(image_mask, self.router_gates(x), shape)
+        base_output = result
+        dropped = self.dropout(x)
+        if config.image_adapter:
+            image = (image_mask.unsqueeze(-1) * config.scaling).to(self.mode_image_A.dtype)  # [N, 1]
+            hidden = torch.nn.functional.linear(dropped.to(self.mode_image_A.dtype), self.mode_image_A) * image
+            result = add_product(result, hidden, self.mode_image_B, self._owns_output)
+        if result is base_output and not self._owns_output:
+            result = result.clone()  # written in place below
+        text_rows = self.routing.text_rows()
+        gates = self.router_gates(x.index_select(0, text_rows)) * config.scaling  # [T, E], fp32
+        text = dropped.index_select(0, text_rows).to(self.mode_text_A.dtype)
+        hidden = torch.nn.functional.linear(text, self.mode_text_A).unflatten(-1, (config.num_experts, r))
+        hidden = (hidden * gates.to(hidden.dtype).unsqueeze(-1)).flatten(-2)
+        text_delta = torch.nn.functional.linear(hidden, self.mode_text_B)  # [T, out]
+        # In place: nothing saved for backward reads this tensor (the base output or a clone).
+        return result.index_add_(0, text_rows, text_delta.to(result.dtype))
 
     def _inference_ready(self, x: torch.Tensor) -> bool:
         """Whether the inference path applies: no autograd, no dropout, nothing recorded, experts
@@ -174,7 +253,7 @@ class MoDELinear(nn.Module):
         result = torch.nn.functional.linear(x, weight, base.bias)
         if self.routing.uniform == "image":
             return result
-        text_rows = (~image_mask).reshape(-1).nonzero().squeeze(-1)
+        text_rows = self.routing.text_rows()
         if text_rows.numel() == 0:
             return result
         text = x.reshape(-1, x.shape[-1]).index_select(0, text_rows)  # [T, in]

@@ -67,6 +67,17 @@ class RoutingState:
     recorder: list | None = field(default=None, repr=False)
     # How masks are computed; ``trainables.mode.reference.official_style`` swaps in the per-token loop.
     mask_function: Callable[..., tuple[torch.Tensor, torch.Tensor]] = field(default=image_token_mask, repr=False)
+    _text_rows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def text_rows(self) -> torch.Tensor:
+        """Flat indices of the current mask's text tokens (``[B·S]`` order), computed once per mask:
+        every MoDE layer of a forward gathers the same rows."""
+        mask = self.image_mask
+        if mask is None:
+            raise RuntimeError("no routing mask: the model's forward sets it before any MoDE layer runs")
+        if self._text_rows is None or self._text_rows[0] is not mask:
+            self._text_rows = (mask, (~mask).reshape(-1).nonzero().squeeze(-1))
+        return self._text_rows[1]
 
     def update(
         self, input_ids: torch.Tensor | None, shape: tuple[int, int], past_length: int, device: torch.device
