@@ -38,6 +38,7 @@ import torch
 from trainables.batching import SampleSet
 from trainables.benchmarks.digits.data import DigitsConfig, vocabulary
 from trainables.benchmarks.digits.tiny import TINY_SHAPE, build_tiny_chameleon
+from trainables.engine import fused_adamw
 from trainables.methods import Batch, MethodConfig, build_method
 from trainables.mode import mode_layers
 from trainables.mode.reference import official_style
@@ -114,7 +115,8 @@ class Variant:
                     torch.device("cpu"),
                     log=lambda _: None,
                 )
-        self.optimizer = torch.optim.AdamW(list(self.method.trainable_parameters(self.model)), lr=1e-3)
+        params = list(self.method.trainable_parameters(self.model))
+        self.optimizer = torch.optim.AdamW(params, lr=1e-3, fused=fused_adamw(params))  # as the engine
         self.generator = torch.Generator().manual_seed(2)
         self.trainable = sum(p.numel() for p in self.method.trainable_parameters(self.model))
 

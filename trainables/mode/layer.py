@@ -188,11 +188,7 @@ class MoDELinear(nn.Module):
         without one and must take the path its forward took. A batch without
         text rows takes the fused product, whose zero-weighted experts still get a (zero) gradient,
         which the optimizer's weight decay and momentum act on, as on every other step."""
-        return (
-            x.device.type == "cpu"
-            and not self.config.experts_on_image_tokens
-            and self.routing.uniform is None
-        )
+        return x.device.type == "cpu" and not self.config.experts_on_image_tokens and self.routing.uniform is None
 
     def _split(
         self, x: torch.Tensor, result: torch.Tensor, image_mask: torch.Tensor, shape: torch.Size
