@@ -1,4 +1,4 @@
-"""Train-step time of the fused MoDE layer against peft LoRA at equal total trainable rank,
+"""Train-step time of the MoDE layer against peft LoRA at equal total trainable rank,
 interleaved so that a noisy machine slows both alike.
 
     python benchmarks/step_time.py [--repeats 7] [--steps 10] [--threads 2]
@@ -187,7 +187,7 @@ def main() -> None:
     batch, stream = make_batch(ids, vocab), make_stream(ids)
     common = {"r": 8, "num_experts": 4, "dropout": 0.05}
     variants = [
-        Variant("MoDE (4×r8 + V r8, fused)", MethodConfig(name="mode_no_kd", **common), vocab, ids, batch, None),
+        Variant("MoDE (4×r8 + V r8)", MethodConfig(name="mode_no_kd", **common), vocab, ids, batch, None),
         Variant("peft LoRA r40", MethodConfig(name="seq_lora", lora_r=40, **common), vocab, ids, batch, None),
         Variant(
             "MoDE, torch.nn.Dropout masks",

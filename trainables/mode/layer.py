@@ -4,11 +4,22 @@
       + (α/r) Σ_j g_j(x) B_j A_j drop(x)        for text tokens   (T-MoE, g = softmax(W_g x) in fp32)
       + (α/r) B_v A_v drop(x)                   for image tokens  (V-Adapter)
 
-All experts and the V-Adapter are computed as one fused product: their A matrices are stacked
-into ``[(E+1)·r, in]``, each token's rank-r blocks are weighted by its router gate (text tokens)
-or by 1 (image tokens, V-Adapter block) or by 0 (the other modality), and one stacked B
-``[out, (E+1)·r]`` maps back. A zero weight makes both the output and the gradient of the unused
-block exactly zero, which is what keeps the modalities' parameters decoupled.
+Training forwards take one of three computations of the same function, on rows ``[B·S, in]``:
+
+- fused (accelerators, and experts on image tokens): all experts and the V-Adapter as one stacked
+  product. Their A matrices are stacked into ``[(E+1)·r, in]``, each token's rank-r blocks are
+  weighted by its router gate (text tokens) or by 1 (image tokens, V-Adapter block) or by 0 (the
+  other modality), and one stacked B ``[out, (E+1)·r]`` maps back. A zero weight makes both the
+  output and the gradient of the unused block exactly zero, which is what keeps the modalities'
+  parameters decoupled;
+- per-modality rows (CPU, mixed batches): the V-Adapter on every row weighted by the image mask,
+  the router and experts on the gathered text rows only. Same outputs, gradients and dropout masks
+  within float rounding; on CPU the fused product's zero-weighted blocks cost as much as used ones;
+- image only (the distillation stream, every token routed to the V-Adapter): the V-Adapter alone.
+
+Each adds its adapter product into the base layer's output in place (``addmm_``), so the
+``[B·S, out]`` output is written once. Without autograd, :meth:`MoDELinear._inference_forward`
+merges the V-Adapter into the base weight instead.
 """
 
 from __future__ import annotations
