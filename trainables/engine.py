@@ -148,6 +148,8 @@ def train_task(session: Session, task_index: int, on_step: Callable[[int, int], 
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=fused_adamw(params))
     schedule = get_cosine_schedule_with_warmup(optimizer, int(train.warmup_ratio * total_steps), total_steps)
     if resuming:
+        # The saved param group carries its ``fused`` flag: a task resumes on the kernel it began
+        # with (bit-for-bit resume), the next task's optimizer is built as above.
         optimizer.load_state_dict(restored.optimizer_state["optimizer"])
         schedule.load_state_dict(restored.optimizer_state["schedule"])
         progress.task_log.append({"task": task_index, "event": "resume", "step": progress.step})

@@ -212,7 +212,8 @@ class CLMoELinear(MoDELinear):
     def _count(self, instance_logits: torch.Tensor, mask: torch.Tensor) -> None:
         """Count the top-k choices of the tokens ``mask`` selects; the layer may see its input as
         ``[B, S, in]`` or as rows ``[B·S, in]``, the mask is ``[B, S]``."""
-        if mask.numel() != instance_logits[..., 0].numel():
+        rows = instance_logits.shape[:-1]
+        if tuple(mask.shape) != tuple(rows) and not (len(rows) == 1 and mask.numel() == rows[0]):
             shape = tuple(instance_logits.shape[:-1])
             raise RuntimeError(f"cl_moe: counting mask {tuple(mask.shape)} does not match the layer input {shape}")
         with torch.no_grad():

@@ -17,9 +17,11 @@ Training forwards take one of three computations of the same function, on rows `
   within float rounding; on CPU the fused product's zero-weighted blocks cost as much as used ones;
 - image only (the distillation stream, every token routed to the V-Adapter): the V-Adapter alone.
 
-Each adds its adapter product into the base layer's output in place (``addmm_``), so the
-``[B·S, out]`` output is written once. Without autograd, :meth:`MoDELinear._inference_forward`
-merges the V-Adapter into the base weight instead.
+Where the base is a plain ``nn.Linear`` without hooks, of the adapters' dtype, with autocast off
+(CPU fp32), each adds its adapter product into the base layer's output in place (``addmm_``), so
+the ``[B·S, out]`` output is written once; otherwise a separate add. The fused product also serves
+``route_as(model, "text")`` and batches without text rows. Without autograd,
+:meth:`MoDELinear._inference_forward` merges the V-Adapter into the base weight instead.
 """
 
 from __future__ import annotations
@@ -52,6 +54,14 @@ class InputDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def _global_module_hooks() -> bool:
+    """Whether a module hook is registered for every module (``register_module_forward_hook`` and
+    friends); torch keeps them in module-level dicts."""
+    from torch.nn.modules import module
+
+    return bool(getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_backward_hooks", None))
 
 
 def add_product(result: torch.Tensor, hidden: torch.Tensor, b: torch.Tensor, in_place: bool) -> torch.Tensor:
@@ -188,8 +198,11 @@ class MoDELinear(nn.Module):
     @property
     def _owns_output(self) -> bool:
         """Whether the base layer's output may be written in place: a plain ``nn.Linear`` saves its
-        input and weight for backward, never its output (another base type might)."""
-        return type(self.base_layer) is nn.Linear
+        input and weight for backward, never its output, unless a hook sees it (a full backward
+        hook wraps it in a view that refuses in-place writes; a forward hook may keep it)."""
+        base = self.base_layer
+        hooked = base._forward_hooks or base._backward_hooks or _global_module_hooks()
+        return type(base) is nn.Linear and not hooked
 
     def _split_ready(self, x: torch.Tensor) -> bool:
         """Whether a mixed forward computes each modality's adapter on its own rows: on CPU, where
@@ -199,7 +212,13 @@ class MoDELinear(nn.Module):
         without one and must take the path its forward took. A batch without
         text rows takes the fused product, whose zero-weighted experts still get a (zero) gradient,
         which the optimizer's weight decay and momentum act on, as on every other step."""
-        return x.device.type == "cpu" and not self.config.experts_on_image_tokens and self.routing.uniform is None
+        return (
+            x.device.type == "cpu"
+            and not self.config.experts_on_image_tokens
+            and self.routing.uniform is None
+            # A subclass's router may read per-token state in [B, S] order (CL-MoE's counts).
+            and type(self).router_gates is MoDELinear.router_gates
+        )
 
     def _split(
         self, x: torch.Tensor, result: torch.Tensor, image_mask: torch.Tensor, shape: torch.Size

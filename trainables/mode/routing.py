@@ -67,7 +67,7 @@ class RoutingState:
     recorder: list | None = field(default=None, repr=False)
     # How masks are computed; ``trainables.mode.reference.official_style`` swaps in the per-token loop.
     mask_function: Callable[..., tuple[torch.Tensor, torch.Tensor]] = field(default=image_token_mask, repr=False)
-    _text_rows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _text_rows: tuple[torch.Tensor, int, bool, torch.Tensor] | None = field(default=None, repr=False)
 
     def text_rows(self) -> torch.Tensor:
         """Flat indices of the current mask's text tokens (``[B·S]`` order), computed once per mask:
@@ -75,9 +75,16 @@ class RoutingState:
         mask = self.image_mask
         if mask is None:
             raise RuntimeError("no routing mask: the model's forward sets it before any MoDE layer runs")
-        if self._text_rows is None or self._text_rows[0] is not mask:
-            self._text_rows = (mask, (~mask).reshape(-1).nonzero().squeeze(-1))
-        return self._text_rows[1]
+        if mask.is_inference():
+            # An inference tensor keeps no version counter: recompute (cheap, and no backward follows).
+            return (~mask).reshape(-1).nonzero().squeeze(-1)
+        # Keyed by the mask object, its version (a route_as mask edited in place) and inference
+        # mode (indices made there cannot be saved for a later backward).
+        key = (mask, mask._version, torch.is_inference_mode_enabled())
+        cached = self._text_rows
+        if cached is None or cached[0] is not key[0] or cached[1:3] != key[1:]:
+            self._text_rows = (*key, (~mask).reshape(-1).nonzero().squeeze(-1))
+        return self._text_rows[3]
 
     def update(
         self, input_ids: torch.Tensor | None, shape: tuple[int, int], past_length: int, device: torch.device
