@@ -147,9 +147,17 @@ def test_per_modality_rows_equal_the_fused_product_with_the_same_dropout_masks(m
             torch.testing.assert_close(rows_grads[parameter], grad, rtol=1e-4, atol=1e-6, msg=parameter)
 
 
-def test_a_hooked_base_layer_is_not_written_in_place(make_model, ids, seq):
-    """A full backward hook wraps the base output in a view that refuses in-place writes: the layer
-    then adds its adapter product out of place, with the same result."""
+@pytest.mark.parametrize(
+    "register",
+    [
+        lambda base, seen: base.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(1)),
+        lambda base, seen: base.register_full_backward_pre_hook(lambda module, grad_out: seen.append(1)),
+    ],
+    ids=["full_backward_hook", "full_backward_pre_hook"],
+)
+def test_a_hooked_base_layer_is_not_written_in_place(make_model, ids, seq, register):
+    """A full backward hook or backward pre-hook wraps the base output in a view that refuses
+    in-place writes: the layer then adds its adapter product out of place, with the same result."""
     method = build_method(MethodConfig(name="mode", r=4, num_experts=3, dropout=0.0), ids)
     model = _attached(method, make_model).train()
     randomize_adapters(model, scale=0.1)
@@ -164,7 +172,7 @@ def test_a_hooked_base_layer_is_not_written_in_place(make_model, ids, seq):
     _, layer = mode_layers(model)[-1]  # its input depends on earlier adapters: the hook fires
     assert layer._owns_output
     seen = []
-    handle = layer.base_layer.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(1))
+    handle = register(layer.base_layer, seen)
     try:
         assert not layer._owns_output
         hooked = loss_and_grads()

@@ -212,10 +212,9 @@ class CLMoELinear(MoDELinear):
     def _count(self, instance_logits: torch.Tensor, mask: torch.Tensor) -> None:
         """Count the top-k choices of the tokens ``mask`` selects; the layer may see its input as
         ``[B, S, in]`` or as rows ``[B·S, in]``, the mask is ``[B, S]``."""
-        rows = instance_logits.shape[:-1]
-        if tuple(mask.shape) != tuple(rows) and not (len(rows) == 1 and mask.numel() == rows[0]):
-            shape = tuple(instance_logits.shape[:-1])
-            raise RuntimeError(f"cl_moe: counting mask {tuple(mask.shape)} does not match the layer input {shape}")
+        rows = tuple(instance_logits.shape[:-1])
+        if tuple(mask.shape) != rows and not (len(rows) == 1 and mask.numel() == rows[0]):
+            raise RuntimeError(f"cl_moe: counting mask {tuple(mask.shape)} does not match the layer input {rows}")
         with torch.no_grad():
             chosen = instance_logits.topk(min(self.context.top_k_instance, instance_logits.shape[-1]), dim=-1).indices
             chosen = chosen.reshape(-1, chosen.shape[-1])[mask.reshape(-1)]

@@ -30,6 +30,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from trainables.mode.config import MoDEConfig
 from trainables.mode.routing import RoutingState
@@ -56,12 +57,19 @@ class InputDropout(nn.Module):
         return f"p={self.p}"
 
 
-def _global_module_hooks() -> bool:
-    """Whether a module hook is registered for every module (``register_module_forward_hook`` and
-    friends); torch keeps them in module-level dicts."""
-    from torch.nn.modules import module
-
-    return bool(getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_backward_hooks", None))
+def _runs_hooks(layer: nn.Module) -> bool:
+    """Whether calling ``layer`` runs a module hook of its own or a global one
+    (``register_module_forward_hook`` and friends): the test torch makes before its hook-free call."""
+    return bool(
+        layer._forward_hooks
+        or layer._forward_pre_hooks
+        or layer._backward_hooks
+        or layer._backward_pre_hooks
+        or _torch_module._global_forward_hooks
+        or _torch_module._global_forward_pre_hooks
+        or _torch_module._global_backward_hooks
+        or _torch_module._global_backward_pre_hooks
+    )
 
 
 def add_product(result: torch.Tensor, hidden: torch.Tensor, b: torch.Tensor, in_place: bool) -> torch.Tensor:
@@ -199,10 +207,9 @@ class MoDELinear(nn.Module):
     def _owns_output(self) -> bool:
         """Whether the base layer's output may be written in place: a plain ``nn.Linear`` saves its
         input and weight for backward, never its output, unless a hook sees it (a full backward
-        hook wraps it in a view that refuses in-place writes; a forward hook may keep it)."""
-        base = self.base_layer
-        hooked = base._forward_hooks or base._backward_hooks or _global_module_hooks()
-        return type(base) is nn.Linear and not hooked
+        hook or backward pre-hook wraps it in a view that refuses in-place writes; a forward hook
+        may keep it)."""
+        return type(self.base_layer) is nn.Linear and not _runs_hooks(self.base_layer)
 
     def _split_ready(self, x: torch.Tensor) -> bool:
         """Whether a mixed forward computes each modality's adapter on its own rows: on CPU, where

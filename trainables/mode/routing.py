@@ -67,7 +67,7 @@ class RoutingState:
     recorder: list | None = field(default=None, repr=False)
     # How masks are computed; ``trainables.mode.reference.official_style`` swaps in the per-token loop.
     mask_function: Callable[..., tuple[torch.Tensor, torch.Tensor]] = field(default=image_token_mask, repr=False)
-    _text_rows: tuple[torch.Tensor, int, bool, torch.Tensor] | None = field(default=None, repr=False)
+    _text_rows: tuple[torch.Tensor, tuple[int, bool], torch.Tensor] | None = field(default=None, repr=False)
 
     def text_rows(self) -> torch.Tensor:
         """Flat indices of the current mask's text tokens (``[B·S]`` order), computed once per mask:
@@ -80,11 +80,10 @@ class RoutingState:
             return (~mask).reshape(-1).nonzero().squeeze(-1)
         # Keyed by the mask object, its version (a route_as mask edited in place) and inference
         # mode (indices made there cannot be saved for a later backward).
-        key = (mask, mask._version, torch.is_inference_mode_enabled())
-        cached = self._text_rows
-        if cached is None or cached[0] is not key[0] or cached[1:3] != key[1:]:
-            self._text_rows = (*key, (~mask).reshape(-1).nonzero().squeeze(-1))
-        return self._text_rows[3]
+        state = (mask._version, torch.is_inference_mode_enabled())
+        if self._text_rows is None or self._text_rows[0] is not mask or self._text_rows[1] != state:
+            self._text_rows = (mask, state, (~mask).reshape(-1).nonzero().squeeze(-1))
+        return self._text_rows[2]
 
     def update(
         self, input_ids: torch.Tensor | None, shape: tuple[int, int], past_length: int, device: torch.device
