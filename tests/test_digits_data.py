@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests.conftest import randomize_adapters
 from trainables.benchmarks.digits.data import (
     SCHEMA,
     UNDERSTANDING_TASKS,
@@ -20,9 +21,11 @@ from trainables.benchmarks.digits.data import (
     split_indices,
     vocabulary,
 )
-from trainables.benchmarks.digits.evaluate import answer_accuracy
+from trainables.benchmarks.digits.evaluate import answer_accuracy, next_token_logits
 from trainables.benchmarks.digits.tiny import make_vocabulary_map
 from trainables.benchmarks.digits.tokenizers import DIGIT_WORDS, PixelQuantizer, WordTokenizer
+from trainables.losses import causal_lm_logits, unwrap
+from trainables.methods import MethodConfig, build_method
 from trainables.vocab import TokenIds
 
 SMALL = DigitsConfig(task_train=40, task_test=20)
@@ -174,7 +177,7 @@ class _LookBackLM(torch.nn.Module):
         outer = self
 
         class Decoder(torch.nn.Module):
-            def forward(self, input_ids, attention_mask=None, use_cache=False):
+            def forward(self, input_ids, attention_mask=None, use_cache=False, **unused):
                 previous = torch.cat([input_ids[:, :1], input_ids[:, :-1]], dim=1)
                 return SimpleNamespace(last_hidden_state=outer.table[previous])
 
@@ -197,3 +200,30 @@ def test_constrained_and_open_scoring_on_hand_made_logits():
     scores = answer_accuracy(_LookBackLM(table), sequences, [3] * 4, builder, [vocab["yes"], vocab["no"]])
     # constrained: yes ✓, no ✓, no ✗, yes ✗ → 2/4; open: even ✗, no ✓, no ✗, even ✗ → 1/4
     assert scores.constrained == pytest.approx(0.5) and scores.open == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("method", ["mode", "seq_lora", "moelora"])
+def test_packed_prompts_get_the_logits_each_prompt_gets_alone(method, make_model, seq, ids):
+    """Prompts that share an image are packed into one row (the image once, each question as its
+    own block): every prompt's next-token logits match the prompt run alone, while the model reads
+    fewer tokens. Questions of different lengths, one image asked once, a prompt without an image,
+    and chunks that split the packed rows (rows=2)."""
+    model = build_method(MethodConfig(name=method, r=2, num_experts=2), ids).attach(make_model()).eval()
+    randomize_adapters(model)  # non-zero experts and V-Adapter: routing matters
+    shared, other = [1, 2, 3, 4, 5, 6], [7, 8, 9, 10]
+    asks = [(shared, "is this even"), (other, "what digit is this"), (shared, "is"), (shared, "what digit"),
+            (other, "odd"), ([11, 12], "is this two")]  # fmt: skip
+    prompts = [seq.understanding(codes, question, "one")[:-2] for codes, question in asks]
+    prompts.append([ids.bos, *seq.words("draw two"), ids.separator])  # no image: a row of its own
+    read = []  # input_ids shapes the decoder is called with
+    decoder = unwrap(model).model
+    hook = decoder.register_forward_pre_hook(
+        lambda _module, _args, kwargs: read.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    packed = next_token_logits(model, prompts, ids, rows=2)
+    hook.remove()
+    with torch.no_grad():
+        alone = torch.stack([causal_lm_logits(model, torch.tensor([p]))[0, -1] for p in prompts])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    assert len(read) == 2 and sum(rows for rows, _ in read) == 4  # 4 rows: 2 images, 1 image, no image
+    assert sum(rows * width for rows, width in read) < sum(len(p) for p in prompts)

@@ -108,13 +108,20 @@ def _greedy_image_logits(model, prompt: torch.Tensor, ids, steps: int = 5) -> to
     return torch.stack(logits, dim=1)
 
 
+@pytest.mark.parametrize("dropout", ["InputDropout", "nn.Dropout"])
 @pytest.mark.parametrize("name", ["mode", "tmoe_only"])
-def test_per_modality_rows_equal_the_fused_product_with_the_same_dropout_masks(make_model, ids, seq, name, monkeypatch):
+def test_per_modality_rows_equal_the_fused_product_with_the_same_dropout_masks(
+    make_model, ids, seq, name, dropout, monkeypatch
+):
     """On CPU a mixed batch runs the V-Adapter on every row and the experts on the text rows
     alone; with the same seed it draws the same dropout masks as the fused product and gives the
-    same output and gradients, within float rounding."""
+    same output and gradients, within float rounding. Also with the layers' dropout replaced by
+    ``nn.Dropout`` (step_time.py's comparison), whose mask the layer cannot read."""
     method = build_method(MethodConfig(name=name, r=4, num_experts=3, dropout=0.3), ids)
     model = _attached(method, make_model).train()
+    if dropout == "nn.Dropout":
+        for _, layer in mode_layers(model):
+            layer.dropout = torch.nn.Dropout(0.3)
     randomize_adapters(model, scale=0.1)
     tokens = _mixed_batch(seq)
     taken = []
@@ -310,19 +317,37 @@ def _lora_layers(model):
     return [module for module in model.modules() if isinstance(module, LoraLayer)]
 
 
-def test_input_dropout_keeps_each_element_with_probability_1_minus_p_and_rescales():
+@pytest.mark.parametrize("p", [0.2, 0.05, 0.5])
+def test_input_dropout_keeps_each_element_with_probability_1_minus_p_and_rescales(p):
     torch.manual_seed(0)
-    dropout = InputDropout(0.2).train()
+    dropout = InputDropout(p).train()
+    p_grid = round(p * 65536) / 65536  # p on the 2⁻¹⁶ grid
+    assert abs(p_grid - p) <= 2**-17
     x = torch.ones(1000, 1000, requires_grad=True)
     y = dropout(x)
     kept = y != 0
-    assert abs(kept.float().mean().item() - 0.8) < 0.003  # 1e6 draws: σ = 0.0004
-    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / 0.8))
+    sigma = (p * (1 - p) / x.numel()) ** 0.5
+    assert abs(kept.float().mean().item() - (1 - p)) < 6 * sigma  # 1e6 draws
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / (1 - p_grid)))  # mean exactly preserved
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # the gradient passes kept elements with the same scale
     torch.manual_seed(0)
     assert torch.equal(dropout(x), y)  # the global seed fixes the mask
     assert dropout.eval()(x) is x
+
+
+def test_input_dropout_masks_are_independent_across_elements_and_layouts():
+    """The four 16-bit draws from one 64-bit integer, and odd sizes that use only part of the last
+    one: each position of a 4-element group drops at the same rate, neighbours independently."""
+    torch.manual_seed(1)
+    dropout = InputDropout(0.5).train()
+    dropped = dropout(torch.ones(250_001, 4)) == 0  # 1,000,004 elements: not a multiple of 4
+    rate = dropped.float().mean(0)
+    assert torch.all((rate - 0.5).abs() < 6 * (0.25 / dropped.shape[0]) ** 0.5)
+    both = (dropped[:, 0] & dropped[:, 1]).float().mean()  # independent: 0.25
+    assert abs(both.item() - 0.25) < 6 * (0.25 * 0.75 / dropped.shape[0]) ** 0.5
+    assert dropout(torch.ones(3, 5, 7)).shape == (3, 5, 7)
+    assert dropout(torch.ones(2, 3, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 def test_loop_mask_equals_vectorised_mask_with_and_without_an_open_span():

@@ -24,7 +24,7 @@ from trainables.benchmarks.digits.data import (
     task_spec,
     vocabulary,
 )
-from trainables.benchmarks.digits.evaluate import ReferenceClassifier, answer_accuracy, generation_scores
+from trainables.benchmarks.digits.evaluate import ReferenceClassifier, answer_accuracies, generation_scores
 from trainables.benchmarks.digits.tokenizers import PixelQuantizer
 from trainables.config import RunConfig
 from trainables.distributed import Distributed
@@ -85,11 +85,9 @@ class DigitsBenchmark:
         answers) and the stage's other scores: ``open_accuracy``, the open-vocabulary row, and if
         ``generation`` the generation scores (else NaN). Not sharded: ``dist`` is ignored."""
         model.eval()
-        answers = {
-            index: answer_accuracy(model, *self.tests[task][:2], self.builder, self.tests[task][2])
-            for index, task in enumerate(self.config.tasks)
-            if index in tasks
-        }
+        asked = {index: task for index, task in enumerate(self.config.tasks) if index in tasks}
+        scored = answer_accuracies(model, {task: self.tests[task] for task in asked.values()}, self.builder)
+        answers = {index: scored[task] for index, task in asked.items()}
         row = [answers[index].constrained if index in answers else math.nan for index in range(len(self.config.tasks))]
         open_row = [answers[index].open if index in answers else math.nan for index in range(len(self.config.tasks))]
         word = self.builder.words.id_to_word.get

@@ -9,6 +9,7 @@ real test images in its hidden-layer feature space (our FID).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from trainables.losses import (
     unwrap,
 )
 from trainables.metrics import frechet_distance
+from trainables.vocab import TokenIds
 
 IMAGE_TOKENS = 64
 
@@ -44,6 +46,34 @@ class AnswerScores:
 
 
 @torch.no_grad()
+def answer_accuracies(
+    model: nn.Module, tests: Mapping[str, tuple[list[list[int]], list[int], list[int] | None]], builder: SequenceBuilder
+) -> dict[str, AnswerScores]:
+    """Greedy scoring of the (one-word) answer at the position after the separator, per task of
+    ``tests`` (``task → (sequences, answer starts, answer ids)``), two ways: constrained to the
+    task's answer set (chance = 1/|answers|; all text tokens when its answer ids are None) and
+    open-vocabulary exact match (argmax over every text token). The tasks' prompts are scored
+    together, so that a test image asked about by several tasks is read once
+    (:func:`next_token_logits`)."""
+    prompts = [s[:a] for sequences, starts, _ in tests.values() for s, a in zip(sequences, starts, strict=True)]
+    final = next_token_logits(model, prompts, builder.ids).cpu()
+    text_vocab = ~builder.ids.codebook_mask()
+    scores, offset = {}, 0
+    for task, (sequences, starts, answer_ids) in tests.items():
+        answer_set = torch.zeros_like(text_vocab)
+        answer_set[answer_ids if answer_ids is not None else text_vocab.nonzero().squeeze(-1)] = True
+        logits = final[offset : offset + len(sequences)]
+        offset += len(sequences)
+        targets = [s[a] for s, a in zip(sequences, starts, strict=True)]
+        predicted = _argmax_within(logits, answer_set).tolist()
+        open_predicted = _argmax_within(logits, text_vocab).tolist()
+        constrained = sum(p == t for p, t in zip(predicted, targets, strict=True))
+        open_vocabulary = sum(p == t for p, t in zip(open_predicted, targets, strict=True))
+        n = len(sequences)
+        scores[task] = AnswerScores(constrained / n, open_vocabulary / n, targets, predicted, open_predicted)
+    return scores
+
+
 def answer_accuracy(
     model: nn.Module,
     sequences: list[list[int]],
@@ -51,31 +81,67 @@ def answer_accuracy(
     builder: SequenceBuilder,
     answer_ids: list[int] | None = None,
 ) -> AnswerScores:
-    """Greedy scoring of the (one-word) answer at the position after the separator, two ways:
-    constrained to the task's answer set ``answer_ids`` (chance = 1/|answers|; all text tokens
-    when None) and open-vocabulary exact match (argmax over every text token)."""
-    text_vocab = ~builder.ids.codebook_mask()
-    answer_set = torch.zeros_like(text_vocab)
-    answer_set[answer_ids if answer_ids is not None else text_vocab.nonzero().squeeze(-1)] = True
-    targets: list[int] = []
-    predicted: list[int] = []
-    open_predicted: list[int] = []
+    """:func:`answer_accuracies` of one task."""
+    return answer_accuracies(model, {"task": (sequences, answer_starts, answer_ids)}, builder)["task"]
+
+
+@torch.no_grad()
+def next_token_logits(model: nn.Module, prompts: list[list[int]], ids: TokenIds, rows: int = 64) -> torch.Tensor:
+    """The model's next-token logits after each prompt, ``[N, V]`` fp32, as if each prompt were
+    run alone, up to float rounding.
+
+    Prompts that share their tokens up to and including the first end-image token (the same test
+    image, asked about by several tasks) are packed into one row: the shared prefix once, then each
+    prompt's remaining tokens as a block of its own. A block-causal attention mask lets every
+    block attend to the prefix and to its own earlier tokens only, and its positions continue from
+    the prefix's, so it sees exactly what its prompt alone would. The image spans, most of every
+    prompt, are then computed once per image instead of once per question. A prompt without an
+    image is a row of its own. ``rows`` packed rows go through the model at a time.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        if ids.end_image in prompt:
+            groups.setdefault(tuple(prompt[: prompt.index(ids.end_image) + 1]), []).append(index)
+        else:
+            groups[(-1 - index,)] = [index]  # a key no real prefix has: never shared
+    packed = [((key if key[0] >= 0 else ()), members) for key, members in groups.items()]
     device = _device(model)
-    for start in range(0, len(sequences), 256):
-        chunk = sequences[start : start + 256]
-        starts = answer_starts[start : start + 256]
-        prompts = [s[:a] for s, a in zip(chunk, starts, strict=True)]
-        ids, mask = pad(prompts, builder.ids.pad)
-        logits = causal_lm_logits(model, ids.to(device), mask.to(device))
-        last = (mask.sum(1) - 1).to(device)
-        final = logits[torch.arange(len(prompts), device=device), last]
-        targets += [s[a] for s, a in zip(chunk, starts, strict=True)]
-        predicted += _argmax_within(final, answer_set).cpu().tolist()
-        open_predicted += _argmax_within(final, text_vocab).cpu().tolist()
-    constrained = sum(p == t for p, t in zip(predicted, targets, strict=True))
-    open_vocabulary = sum(p == t for p, t in zip(open_predicted, targets, strict=True))
-    n = len(sequences)
-    return AnswerScores(constrained / n, open_vocabulary / n, targets, predicted, open_predicted)
+    lm = unwrap(model)
+    final: torch.Tensor | None = None
+    for start in range(0, len(packed), rows):
+        chunk = packed[start : start + rows]
+        tokens, positions, blocks, ends = [], [], [], []  # per row; ends: (prompt index, column)
+        for prefix, members in chunk:
+            row, position, block = list(prefix), list(range(len(prefix))), [0] * len(prefix)
+            for number, index in enumerate(members, start=1):
+                suffix = prompts[index][len(prefix) :]
+                row += suffix
+                position += range(len(prefix), len(prefix) + len(suffix))
+                block += [number] * len(suffix)
+                ends.append((index, len(tokens), len(row) - 1))
+            tokens.append(row)
+            positions.append(position)
+            blocks.append(block)
+        input_ids, _ = pad(tokens, ids.pad)
+        position_ids, _ = pad(positions, 0)
+        block_ids, _ = pad(blocks, -1)
+        width = input_ids.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        same_block = block_ids.unsqueeze(2) == block_ids.unsqueeze(1)  # [rows, query, key]
+        # Padding (block -1) attends to the prefix and to earlier padding: never read, never NaN.
+        allowed = causal & (same_block | (block_ids == 0).unsqueeze(1))
+        hidden = lm.model(
+            input_ids=input_ids.to(device),
+            attention_mask=allowed.unsqueeze(1).to(device),
+            position_ids=position_ids.to(device),
+            use_cache=False,
+        ).last_hidden_state
+        index, row, column = (torch.tensor(values) for values in zip(*ends, strict=True))
+        logits = lm.lm_head(hidden[row.to(device), column.to(device)]).float().cpu()
+        if final is None:
+            final = torch.empty(len(prompts), logits.shape[-1])
+        final[index] = logits
+    return final if final is not None else torch.empty(0, 0)
 
 
 def _argmax_within(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
