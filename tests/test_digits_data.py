@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import randomize_adapters
+from trainables.benchmarks.digits import evaluate
 from trainables.benchmarks.digits.data import (
     SCHEMA,
     UNDERSTANDING_TASKS,
@@ -202,19 +203,35 @@ def test_constrained_and_open_scoring_on_hand_made_logits():
     assert scores.constrained == pytest.approx(0.5) and scores.open == pytest.approx(0.25)
 
 
+def _ask(seq, codes, question):
+    """An understanding prompt: everything before the answer."""
+    return seq.understanding(codes, question, "one")[:-2]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "unpacked"])
 @pytest.mark.parametrize("method", ["mode", "seq_lora", "moelora"])
-def test_packed_prompts_get_the_logits_each_prompt_gets_alone(method, make_model, seq, ids):
+def test_packed_prompts_get_the_logits_each_prompt_gets_alone(method, attention, make_model, seq, ids, monkeypatch):
     """Prompts that share an image are packed into one row (the image once, each question as its
     own block): every prompt's next-token logits match the prompt run alone, while the model reads
     fewer tokens. Questions of different lengths, one image asked once, a prompt without an image,
-    and chunks that split the packed rows (rows=2)."""
-    model = build_method(MethodConfig(name=method, r=2, num_experts=2), ids).attach(make_model()).eval()
+    one that ends at its image and one that opens a second image after the question (both get a
+    row of their own: MoDE would route the blocks after an open span as image), and chunks that
+    split the packed rows (rows=2). sdpa takes a bool mask, eager an additive one; an attention
+    implementation without custom masks gets one prompt per row."""
+    base = make_model()
+    if attention == "eager":
+        base.set_attn_implementation("eager")
+    if attention == "unpacked":
+        monkeypatch.setattr(evaluate, "_PACKING_ATTENTION", ())
+    model = build_method(MethodConfig(name=method, r=2, num_experts=2), ids).attach(base).eval()
     randomize_adapters(model)  # non-zero experts and V-Adapter: routing matters
     shared, other = [1, 2, 3, 4, 5, 6], [7, 8, 9, 10]
     asks = [(shared, "is this even"), (other, "what digit is this"), (shared, "is"), (shared, "what digit"),
             (other, "odd"), ([11, 12], "is this two")]  # fmt: skip
-    prompts = [seq.understanding(codes, question, "one")[:-2] for codes, question in asks]
-    prompts.append([ids.bos, *seq.words("draw two"), ids.separator])  # no image: a row of its own
+    prompts = [_ask(seq, codes, question) for codes, question in asks]
+    prompts.append([ids.bos, *seq.words("draw two"), ids.separator])  # no image
+    prompts.append([ids.bos, *seq.image(shared)])  # ends at its image
+    prompts.append([ids.bos, *seq.image(shared), *seq.words("what"), ids.begin_image, ids.image_codes[3]])
     read = []  # input_ids shapes the decoder is called with
     decoder = unwrap(model).model
     hook = decoder.register_forward_pre_hook(
@@ -225,5 +242,35 @@ def test_packed_prompts_get_the_logits_each_prompt_gets_alone(method, make_model
     with torch.no_grad():
         alone = torch.stack([causal_lm_logits(model, torch.tensor([p]))[0, -1] for p in prompts])
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
-    assert len(read) == 2 and sum(rows for rows, _ in read) == 4  # 4 rows: 2 images, 1 image, no image
-    assert sum(rows * width for rows, width in read) < sum(len(p) for p in prompts)
+    if attention == "unpacked":
+        assert sum(rows for rows, _ in read) == len(prompts)
+    else:  # rows: the shared image's 3 questions, the other image's 2, then one each for the rest
+        assert sum(rows for rows, _ in read) == 6 and len(read) == 3
+        assert sum(rows * width for rows, width in read) < sum(len(p) for p in prompts)
+
+
+def test_all_tasks_scored_together_equal_each_task_scored_alone(make_model, seq, ids, vocab):
+    """``answer_accuracies`` over several tasks that ask about the same images (packed across
+    tasks) gives each task the scores and per-sample predictions it gets alone."""
+    model = build_method(MethodConfig(name="mode", r=2, num_experts=2), ids).attach(make_model()).eval()
+    randomize_adapters(model, scale=0.5)  # answers that differ between samples
+    builder = SimpleNamespace(ids=ids)
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 16, (6,), generator=generator).tolist() for _ in range(5)]
+    answers = [vocab["even"], vocab["odd"]]
+    tests = {
+        "parity": ([seq.understanding(c, "is this even", "even") for c in images], None, answers),
+        "digit": ([seq.understanding(c, "what digit is this", "one") for c in images[1:]], None, None),
+        "short": ([seq.understanding(c, "is", "odd") for c in images[::2]], None, answers),
+    }
+    tests = {task: (rows, [len(r) - 2 for r in rows], answer_ids) for task, (rows, _, answer_ids) in tests.items()}
+    read = []  # rows per decoder call
+    hook = unwrap(model).model.register_forward_pre_hook(
+        lambda _module, _args, kwargs: read.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    together = evaluate.answer_accuracies(model, tests, builder)
+    hook.remove()
+    assert sum(read) == len(images)  # 12 questions, one row per image
+    for task, (rows, starts, answer_ids) in tests.items():
+        alone = answer_accuracy(model, rows, starts, builder, answer_ids)
+        assert together[task] == alone, task

@@ -337,17 +337,26 @@ def test_input_dropout_keeps_each_element_with_probability_1_minus_p_and_rescale
 
 
 def test_input_dropout_masks_are_independent_across_elements_and_layouts():
-    """The four 16-bit draws from one 64-bit integer, and odd sizes that use only part of the last
+    """The four 16-bit draws from one 64-bit integer, and a size that uses only part of the last
     one: each position of a 4-element group drops at the same rate, neighbours independently."""
     torch.manual_seed(1)
     dropout = InputDropout(0.5).train()
-    dropped = dropout(torch.ones(250_001, 4)) == 0  # 1,000,004 elements: not a multiple of 4
+    dropped = dropout(torch.ones(250_000, 4)) == 0  # row i: the four 16-bit parts of draw i
     rate = dropped.float().mean(0)
     assert torch.all((rate - 0.5).abs() < 6 * (0.25 / dropped.shape[0]) ** 0.5)
     both = (dropped[:, 0] & dropped[:, 1]).float().mean()  # independent: 0.25
     assert abs(both.item() - 0.25) < 6 * (0.25 * 0.75 / dropped.shape[0]) ** 0.5
-    assert dropout(torch.ones(3, 5, 7)).shape == (3, 5, 7)
+    odd = dropout(torch.ones(333_335, 3)) == 0  # 1,000,005 elements: the last draw is cut
+    assert abs(odd.float().mean().item() - 0.5) < 6 * (0.25 / odd.numel()) ** 0.5
     assert dropout(torch.ones(2, 3, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(("p", "dropped"), [(1e-9, 1), (0.05, 3277), (1 - 1e-9, 65535)])
+def test_input_dropout_keeps_p_off_the_grid_ends(p, dropped):
+    """p′ stays within [2⁻¹⁶, 1 − 2⁻¹⁶] for 0 < p < 1: never no dropout, never a division by 0."""
+    dropout = InputDropout(p)
+    assert dropout.dropped_of_65536 == dropped
+    assert dropout.scale == 65536 / (65536 - dropped)
 
 
 def test_loop_mask_equals_vectorised_mask_with_and_without_an_open_span():

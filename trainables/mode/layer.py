@@ -38,19 +38,21 @@ from trainables.mode.routing import RoutingState
 
 class InputDropout(nn.Module):
     """Inverted dropout, as ``nn.Dropout``: each element is dropped with probability p′ and the
-    others are scaled by 1 / (1 − p′), where p′ = round(p · 2¹⁶) / 2¹⁶, p on a grid of 2⁻¹⁶
-    (|p′ − p| ≤ 2⁻¹⁷ ≈ 7.6e-6; 0.05 becomes 0.0500031).
+    others are scaled by 1 / (1 − p′) (rounded to the input's dtype), where p′ = round(p · 2¹⁶) / 2¹⁶,
+    p on a grid of 2⁻¹⁶ (|p′ − p| ≤ 2⁻¹⁷ ≈ 7.6e-6; 0.05 becomes 0.0500031), kept within
+    [2⁻¹⁶, 1 − 2⁻¹⁶] for 0 < p < 1.
 
     The keep-mask is drawn the cheap way for the device. On CPU, where the masks were a large share
     of a tiny model's train step, it compares 16-bit random integers, four from every 64-bit
     ``torch.randint`` draw: 0.67 ms for a 1,184 × 344 mask on one thread, against 1.2 ms with
-    ``torch.rand`` (a float per element) and 1.9 ms with ``bernoulli_``. Elsewhere it compares
-    ``torch.rand`` with p′. Both keep an element with probability exactly 1 − p′."""
+    ``torch.rand`` (a float per element) and 1.9 ms with ``bernoulli_``. Elsewhere it compares an
+    fp32 ``torch.rand`` with p′. Both keep an element with probability exactly 1 − p′."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-        self.dropped_of_65536 = round(p * 2**16)  # p′ · 2¹⁶: how many of a 16-bit draw's values drop
+        # p′ · 2¹⁶: how many of a 16-bit draw's values drop
+        self.dropped_of_65536 = min(max(round(p * 2**16), 1), 2**16 - 1) if 0 < p < 1 else round(p * 2**16)
         self.scale = 2**16 / (2**16 - self.dropped_of_65536)  # 1 / (1 − p′)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,8 @@ class InputDropout(nn.Module):
     def keep_mask(self, x: torch.Tensor) -> torch.Tensor:
         """``1 / (1 − p′)`` where an element is kept and 0 where it is dropped, shaped and typed as ``x``."""
         if x.device.type != "cpu":
-            return torch.rand_like(x).ge_(self.dropped_of_65536 / 2**16).mul_(self.scale)
+            uniform = torch.rand(x.shape, device=x.device)  # fp32 whatever x is: exact 1 − p′
+            return uniform.ge_(self.dropped_of_65536 / 2**16).mul_(self.scale).to(x.dtype)
         count = x.numel()
         draws = torch.randint(-(2**63), 2**63 - 1, (-(-count // 4),), dtype=torch.int64)
         bits = draws.view(torch.int16)[:count].view(x.shape)  # uniform on [-2¹⁵, 2¹⁵)
@@ -71,7 +74,7 @@ class InputDropout(nn.Module):
         return bits.to(torch.float32).ge_(self.dropped_of_65536 - 2**15).mul_(self.scale).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p} (drops {self.dropped_of_65536}/65536)"
 
 
 def _runs_hooks(layer: nn.Module) -> bool:

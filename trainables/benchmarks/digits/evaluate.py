@@ -85,6 +85,11 @@ def answer_accuracy(
     return answer_accuracies(model, {"task": (sequences, answer_starts, answer_ids)}, builder)["task"]
 
 
+# Attention implementations that take a custom 4D mask (sdpa: bool, True = attend; eager: added to
+# the scores). Others (flash-attention, flex) get one prompt per row and a padding mask.
+_PACKING_ATTENTION = ("sdpa", "eager")
+
+
 @torch.no_grad()
 def next_token_logits(model: nn.Module, prompts: list[list[int]], ids: TokenIds, rows: int = 64) -> torch.Tensor:
     """The model's next-token logits after each prompt, ``[N, V]`` fp32, as if each prompt were
@@ -95,22 +100,28 @@ def next_token_logits(model: nn.Module, prompts: list[list[int]], ids: TokenIds,
     prompt's remaining tokens as a block of its own. A block-causal attention mask lets every
     block attend to the prefix and to its own earlier tokens only, and its positions continue from
     the prefix's, so it sees exactly what its prompt alone would. The image spans, most of every
-    prompt, are then computed once per image instead of once per question. A prompt without an
-    image is a row of its own. ``rows`` packed rows go through the model at a time.
+    prompt, are then computed once per image instead of once per question. A prompt is a row of its
+    own when it has no image, ends at the image, or has an image token after it (MoDE routes a
+    row's tokens by the image spans opened before them, across blocks). ``rows`` packed rows go
+    through the model at a time. Which prompts share a row changes the float rounding of their
+    logits, not what they attend to.
     """
+    if any(len(prompt) == 0 for prompt in prompts):
+        raise ValueError("next_token_logits: every prompt needs at least one token")
+    lm = unwrap(model)
+    attention = getattr(getattr(lm, "config", None), "_attn_implementation", None)
+    pack = attention in _PACKING_ATTENTION
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, prompt in enumerate(prompts):
-        if ids.end_image in prompt:
-            groups.setdefault(tuple(prompt[: prompt.index(ids.end_image) + 1]), []).append(index)
-        else:
-            groups[(-1 - index,)] = [index]  # a key no real prefix has: never shared
+        shared = _shared_prefix_length(prompt, ids) if pack else 0
+        key = tuple(prompt[:shared]) if shared else (-1 - index,)  # negative: a key no prefix has
+        groups.setdefault(key, []).append(index)
     packed = [((key if key[0] >= 0 else ()), members) for key, members in groups.items()]
     device = _device(model)
-    lm = unwrap(model)
     final: torch.Tensor | None = None
     for start in range(0, len(packed), rows):
         chunk = packed[start : start + rows]
-        tokens, positions, blocks, ends = [], [], [], []  # per row; ends: (prompt index, column)
+        tokens, positions, blocks, ends = [], [], [], []  # per row; ends: (prompt, row, column)
         for prefix, members in chunk:
             row, position, block = list(prefix), list(range(len(prefix))), [0] * len(prefix)
             for number, index in enumerate(members, start=1):
@@ -122,19 +133,13 @@ def next_token_logits(model: nn.Module, prompts: list[list[int]], ids: TokenIds,
             tokens.append(row)
             positions.append(position)
             blocks.append(block)
-        input_ids, _ = pad(tokens, ids.pad)
-        position_ids, _ = pad(positions, 0)
-        block_ids, _ = pad(blocks, -1)
-        width = input_ids.shape[1]
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        same_block = block_ids.unsqueeze(2) == block_ids.unsqueeze(1)  # [rows, query, key]
-        # Padding (block -1) attends to the prefix and to earlier padding: never read, never NaN.
-        allowed = causal & (same_block | (block_ids == 0).unsqueeze(1))
+        input_ids, padding = pad(tokens, ids.pad)
+        inputs = {"attention_mask": padding}  # one prompt per row
+        if pack:
+            inputs = {"attention_mask": _block_causal_mask(pad(blocks, -1)[0], attention, lm)}
+            inputs["position_ids"] = pad(positions, 0)[0]
         hidden = lm.model(
-            input_ids=input_ids.to(device),
-            attention_mask=allowed.unsqueeze(1).to(device),
-            position_ids=position_ids.to(device),
-            use_cache=False,
+            input_ids=input_ids.to(device), **{k: v.to(device) for k, v in inputs.items()}, use_cache=False
         ).last_hidden_state
         index, row, column = (torch.tensor(values) for values in zip(*ends, strict=True))
         logits = lm.lm_head(hidden[row.to(device), column.to(device)]).float().cpu()
@@ -142,6 +147,33 @@ def next_token_logits(model: nn.Module, prompts: list[list[int]], ids: TokenIds,
             final = torch.empty(len(prompts), logits.shape[-1])
         final[index] = logits
     return final if final is not None else torch.empty(0, 0)
+
+
+def _shared_prefix_length(prompt: list[int], ids: TokenIds) -> int:
+    """How many leading tokens ``prompt`` may share with others: through its first end-image token,
+    if it goes on after it with text only; else 0."""
+    if ids.end_image not in prompt:
+        return 0
+    length = prompt.index(ids.end_image) + 1
+    rest = prompt[length:]
+    if not rest or ids.begin_image in rest or ids.end_image in rest:
+        return 0
+    return length
+
+
+def _block_causal_mask(block_ids: torch.Tensor, attention: str, lm: nn.Module) -> torch.Tensor:
+    """``[rows, 1, S, S]``: a query attends to earlier keys of its own block and to the shared prefix
+    (block 0). Padding (block -1) attends to the prefix and to earlier padding: never read, never
+    NaN. Bool for sdpa; for eager, 0 where allowed and the dtype's minimum elsewhere (added to the
+    scores)."""
+    width = block_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same_block = block_ids.unsqueeze(2) == block_ids.unsqueeze(1)  # [rows, query, key]
+    allowed = (causal & (same_block | (block_ids == 0).unsqueeze(1))).unsqueeze(1)
+    if attention == "sdpa":
+        return allowed
+    dtype = next(lm.parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def _argmax_within(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
