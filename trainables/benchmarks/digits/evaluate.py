@@ -56,7 +56,7 @@ def answer_accuracies(
     together, so that a test image asked about by several tasks is read once
     (:func:`next_token_logits`)."""
     prompts = [s[:a] for sequences, starts, _ in tests.values() for s, a in zip(sequences, starts, strict=True)]
-    final = next_token_logits(model, prompts, builder.ids).cpu()
+    final = next_token_logits(model, prompts, builder.ids)
     text_vocab = ~builder.ids.codebook_mask()
     scores, offset = {}, 0
     for task, (sequences, starts, answer_ids) in tests.items():
@@ -111,12 +111,11 @@ def next_token_logits(model: nn.Module, prompts: list[list[int]], ids: TokenIds,
     lm = unwrap(model)
     attention = getattr(getattr(lm, "config", None), "_attn_implementation", None)
     pack = attention in _PACKING_ATTENTION
-    groups: dict[tuple[int, ...], list[int]] = {}
+    groups: dict[tuple[int, ...] | int, list[int]] = {}  # shared prefix, or the prompt's index: alone
     for index, prompt in enumerate(prompts):
         shared = _shared_prefix_length(prompt, ids) if pack else 0
-        key = tuple(prompt[:shared]) if shared else (-1 - index,)  # negative: a key no prefix has
-        groups.setdefault(key, []).append(index)
-    packed = [((key if key[0] >= 0 else ()), members) for key, members in groups.items()]
+        groups.setdefault(tuple(prompt[:shared]) if shared else index, []).append(index)
+    packed = [(key if isinstance(key, tuple) else (), members) for key, members in groups.items()]
     device = _device(model)
     final: torch.Tensor | None = None
     for start in range(0, len(packed), rows):
@@ -134,10 +133,11 @@ def next_token_logits(model: nn.Module, prompts: list[list[int]], ids: TokenIds,
             positions.append(position)
             blocks.append(block)
         input_ids, padding = pad(tokens, ids.pad)
-        inputs = {"attention_mask": padding}  # one prompt per row
         if pack:
             inputs = {"attention_mask": _block_causal_mask(pad(blocks, -1)[0], attention, lm)}
             inputs["position_ids"] = pad(positions, 0)[0]
+        else:
+            inputs = {"attention_mask": padding}  # one prompt per row
         hidden = lm.model(
             input_ids=input_ids.to(device), **{k: v.to(device) for k, v in inputs.items()}, use_cache=False
         ).last_hidden_state
