@@ -1,8 +1,8 @@
-"""Sweeps: a Ray Tune function trainable per trial, each launching a Ray Train ``TorchTrainer``.
+"""Sweeps: a Ray Tune function trainable per trial, each launching a Ray Train trainer.
 
 Roles (Ray Train V2 rejects ``Tuner(TorchTrainer)``):
     ``train_driver_fn``  — one Tune trial: builds the trial's RunConfig and runs the
-                           ``TorchTrainer`` named ``train-<trial id>`` (never the clock: resume
+                           Ray Train trainer named ``train-<trial id>`` (never the clock: resume
                            depends on the name)
     ``run_sweep``        — builds the ``Tuner`` from a :class:`SweepSpace`, with the MLflow parent
                            run (:mod:`orchestrator.sweep_tracking`) and the sweep's record
@@ -82,7 +82,7 @@ def train_driver_fn(trial: dict[str, Any], context: DriverContext) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.train import torch_trainer
+    from orchestrator.train import ray_trainer
     from trainables.config import load_run_config_dict
     from trainables.worker import LoopConfig, TrialTracking
 
@@ -108,7 +108,7 @@ def train_driver_fn(trial: dict[str, Any], context: DriverContext) -> None:
         tracking=tracking,
         submitted_at=time.time(),  # for the overhead breakdown: until the engine starts
     )
-    torch_trainer(config, loop, name, storage, callbacks=[TuneReportCallback()]).fit()
+    ray_trainer(config, loop, name, storage, callbacks=[TuneReportCallback()]).fit()
 
 
 def _scheduler(space: SweepSpace):

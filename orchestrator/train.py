@@ -2,7 +2,7 @@
 
 :func:`run` refuses to resume a run written with another config, then runs it. On Ray, the
 driver prepares data and the base model once (both cached in the work dir), then starts the
-``TorchTrainer`` that :func:`torch_trainer` builds (for sweep trials too), whose workers run
+Ray Train trainer that :func:`ray_trainer` builds (for sweep trials too), whose workers run
 :func:`trainables.worker.train_fn_per_worker`. The run's identity is ``(storage, name)``:
 launching the same name and storage again after an interruption makes Ray Train hand the workers
 the newest checkpoint, so the sequence continues where it stopped. ``results.json`` is rebuilt
@@ -79,29 +79,20 @@ def refuse_changed_config(checkpoints: Path | None, config: RunConfig, name: str
         return
 
 
-def _one_worker_config() -> Any:
-    """Ray Train's TorchConfig without its backend for a one-worker run: no torch.distributed
-    process group, which a single worker does not need, and so no c10d TCPStore, which torch 2.13
-    binds to every interface (it has no setting for the address). The engine sees world size 1
-    either way; a run with several workers keeps the process group (see RELIABILITY.md)."""
-    from ray.train.backend import Backend
-    from ray.train.torch import TorchConfig
-
-    class OneWorkerTorchConfig(TorchConfig):
-        @property
-        def backend_cls(self) -> type[Backend]:
-            return Backend  # every hook a no-op
-
-    return OneWorkerTorchConfig()
-
-
-def torch_trainer(
+def ray_trainer(
     config: RunConfig, loop: LoopConfig, name: str, storage: str, callbacks: list[Any] | None = None
 ) -> Any:
-    """The ``TorchTrainer`` of one run (``mode-cl run``, or one sweep trial with Tune's callback):
-    workers and resources from ``config.resources``, identity ``(storage, name)``."""
+    """The Ray Train trainer of one run (``mode-cl run``, or one sweep trial with Tune's callback):
+    workers and resources from ``config.resources``, identity ``(storage, name)``.
+
+    Several workers get a ``TorchTrainer``, whose backend joins them in a ``torch.distributed``
+    process group. One worker gets a plain ``DataParallelTrainer`` (the class ``TorchTrainer``
+    extends) with Ray Train's no-op backend: a single worker needs no process group, and so no
+    c10d TCPStore, which torch 2.13 binds to every interface (it has no setting for the address);
+    and nothing the Train controller unpickles names ``ray.train.torch``, so the controller does
+    not import torch, about two seconds off every trial's start and every resume. The engine sees
+    world size 1 either way, and picks its device itself (the one visible GPU); see RELIABILITY.md."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from trainables.worker import train_fn_per_worker
 
@@ -109,14 +100,12 @@ def torch_trainer(
     per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
-    return TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config=loop.to_dict(),
-        torch_config=_one_worker_config() if resources.num_workers == 1 else None,
-        scaling_config=ray.train.ScalingConfig(
+    common = {
+        "train_loop_config": loop.to_dict(),
+        "scaling_config": ray.train.ScalingConfig(
             num_workers=resources.num_workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker
         ),
-        run_config=ray.train.RunConfig(
+        "run_config": ray.train.RunConfig(
             name=name,
             storage_path=storage,
             callbacks=callbacks,
@@ -125,7 +114,14 @@ def torch_trainer(
             # Workers may run in a Ray started before this call; pass our own settings explicitly.
             worker_runtime_env={"env_vars": {k: v for k, v in snapshot().items() if k.startswith("MODE_CL_")}},
         ),
-    )
+    }
+    if resources.num_workers > 1:
+        from ray.train.torch import TorchTrainer
+
+        return TorchTrainer(train_fn_per_worker, **common)
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    return DataParallelTrainer(train_fn_per_worker, **common)  # default backend: every hook a no-op
 
 
 def fit_or_interrupt(trainer: Any) -> Any:
@@ -162,7 +158,7 @@ def run_with_ray(
         log(f"run {name!r} already has checkpoints in {local_run_dir}: resuming it instead of starting over")
     init_ray(address)
     run_dir = str(local_run_dir.resolve()) if local_run_dir is not None else None
-    trainer = torch_trainer(config, LoopConfig(config.to_dict(), str(work_dir), run_dir), name, storage)
+    trainer = ray_trainer(config, LoopConfig(config.to_dict(), str(work_dir), run_dir), name, storage)
     result = fit_or_interrupt(trainer)
     if result.error is not None:
         raise result.error

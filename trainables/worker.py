@@ -1,6 +1,6 @@
 """The Ray Train worker: restore from the latest good checkpoint, run the engine, report per task.
 
-``train_fn_per_worker`` runs on every worker of a ``TorchTrainer``. Rank 0 writes each checkpoint
+``train_fn_per_worker`` runs on every worker of the run's Ray Train trainer. Rank 0 writes each checkpoint
 (see :mod:`trainables.checkpoint`) and hands it to ``ray.train.report`` under a deterministic
 directory name; every rank reports the same metrics. On a restart (worker failure, or the same
 run name and storage launched again) ``ray.train.get_checkpoint()`` gives the newest reported
