@@ -16,7 +16,6 @@ it had imported torch.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -26,7 +25,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=6)
     args = parser.parse_args()
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only, as mode-cl's local Ray
+    from orchestrator.ray_runtime import init_ray, prefer_loopback
+
+    prefer_loopback()  # before Ray is imported, as the CLI does
     import ray
     from ray.train.backend import Backend, BackendConfig
 
@@ -48,7 +49,7 @@ def main() -> None:
         def imported_torch(self) -> bool:
             return "torch" in sys.modules
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    init_ray(None, num_cpus=2)  # a local Ray as mode-cl starts one
     variants = [("TorchConfig subclass", torch_config), ("BackendConfig", BackendConfig)]
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     try:
