@@ -135,22 +135,37 @@ def _tracking(args: argparse.Namespace):
     return TrackingChoice(resolve_tracking_uri(args.tracking_uri), args.no_tracking, Path(args.work_dir) / "mlflow")
 
 
+def _server_booting(tracking):
+    """The embedded tracking server starts now when its store exists (see
+    :func:`orchestrator.mlflow_server.server_booting`); nothing for a configured or disabled one."""
+    from contextlib import nullcontext
+
+    from orchestrator.mlflow_server import server_booting
+
+    return nullcontext() if tracking.disabled or tracking.uri else server_booting(tracking.store)
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from orchestrator.ray_runtime import set_verbose
     from orchestrator.report import print_trials, wide_console
-    from orchestrator.space import load_space
-    from orchestrator.sweep import start_sweep
 
-    space = load_space(args.space)
-    if args.name:
-        space.name = args.name
     if args.cluster:
         from orchestrator.cluster import load_cluster, sweep_on_cluster
+        from orchestrator.space import load_space
 
-        return sweep_on_cluster(load_cluster(args.cluster), Path(args.space), space.name)
+        space = load_space(args.space)
+        return sweep_on_cluster(load_cluster(args.cluster), Path(args.space), args.name or space.name)
     console = wide_console()
     set_verbose(args.verbose)
-    rows = start_sweep(space, Path(args.work_dir), _storage(args), _tracking(args), args.address, console.print)
+    tracking = _tracking(args)
+    with _server_booting(tracking):  # it boots while the space is imported and checked
+        from orchestrator.space import load_space
+        from orchestrator.sweep import start_sweep
+
+        space = load_space(args.space)
+        if args.name:
+            space.name = args.name
+        rows = start_sweep(space, Path(args.work_dir), _storage(args), tracking, args.address, console.print)
     print_trials(rows, space.objective_metric, console)
     console.print("browse the results: mode-cl ui")
     return 0
@@ -159,7 +174,6 @@ def _sweep(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     from orchestrator.ray_runtime import set_verbose
     from orchestrator.report import print_trials, wide_console
-    from orchestrator.sweep import resume
 
     if args.cluster:
         from orchestrator.cluster import load_cluster, resume_on_cluster
@@ -167,7 +181,11 @@ def _resume(args: argparse.Namespace) -> int:
         return resume_on_cluster(load_cluster(args.cluster), args.sweep)
     console = wide_console()
     set_verbose(args.verbose)
-    rows = resume(args.sweep, _storage(args), _tracking(args), args.address, console.print)
+    tracking = _tracking(args)
+    with _server_booting(tracking):  # it boots while the sweep is imported and checked
+        from orchestrator.sweep import resume
+
+        rows = resume(args.sweep, _storage(args), tracking, args.address, console.print)
     print_trials(rows, "avg_acc", console)
     return 0
 

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.stopping import held
@@ -192,30 +193,23 @@ def stop_detached(store: Path, timeout_s: float = 20.0) -> bool:
     return True
 
 
-@contextmanager
-def tracking_server(
-    store: Path,
-    log=print,
-    timeout_s: float = 120.0,
-    while_starting: Callable[[str], None] | None = None,
-    on_ready: Callable[[str], None] | None = None,
-) -> Iterator[str]:
-    """Start the embedded server for the duration of the block; yields its URI.
+@dataclass
+class ServerProcess:
+    """An embedded server we started: its process (in a session of its own) and its URI."""
 
-    ``while_starting(uri)`` runs while the server boots (e.g. starting Ray and restoring Tune's
-    experiment state); it must not call the server. With ``on_ready``, the block does not wait for
-    the server either: a watcher thread calls ``on_ready(uri)`` once it answers, or, if it never
-    does, logs why and interrupts this process (SIGINT: a sweep stops as after Ctrl-C, resumable).
-    ``on_ready`` must not import anything (do the imports before): the main thread is importing
-    at the same time, and concurrent imports of large packages can leave them half-initialised.
-    ``mode-cl resume`` uses this to let Tune start its trials during the server's last seconds of
-    booting — a trial's first call to the server comes ~10 s later, and the MLflow client retries."""
+    process: subprocess.Popen
+    url: str
+
+
+def start_server(store: Path) -> ServerProcess:
+    """Start the embedded server on ``store`` (created if missing) and return without waiting for
+    it. The caller stops it with :func:`stop_server`, also when this call is interrupted: a stop
+    that arrives while the child is being started stops it again before this call raises."""
     store.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     process = None
     try:
-        with (store / "server.log").open("ab") as server_log, held():  # a stop: after Popen returns
+        with (store / "server.log").open("ab") as server_log, held():
             # Its own session: a terminal's Ctrl-C reaches only us, and we stop it (with its children).
             process = subprocess.Popen(
                 server_command(store, port),
@@ -225,6 +219,62 @@ def tracking_server(
                 start_new_session=True,
                 preexec_fn=_dies_with_parent(),
             )
+    except BaseException:  # a stop held during Popen: the child started, and goes again
+        if process is not None:
+            stop_server(process)
+        raise
+    return ServerProcess(process, f"http://127.0.0.1:{port}")
+
+
+# Servers started by :func:`server_booting` and not yet taken over by :func:`tracking_server`.
+_BOOTING: dict[Path, ServerProcess] = {}
+
+
+@contextmanager
+def server_booting(store: Path) -> Iterator[None]:
+    """Start the embedded server on ``store`` now, if ``store`` already holds a tracking database,
+    so that it boots while the command imports and checks its input (``mode-cl resume`` and
+    ``sweep``): a :func:`tracking_server` on the same store inside the block takes it over. One not
+    taken over by the end of the block (the input was refused) is stopped. The server's boot is
+    about 7 s of CPU on this project's 2-core machine, which otherwise competes with Ray's start.
+    A store that does not exist yet is not created: refused input adds at most the server's own
+    log lines to an existing store."""
+    key = store.resolve()
+    if key in _BOOTING or not (store / "mlflow.db").is_file():
+        yield
+        return
+    server = None
+    try:
+        server = _BOOTING[key] = start_server(store)
+        yield
+    finally:
+        if server is not None and _BOOTING.pop(key, None) is server:
+            stop_server(server.process)
+
+
+@contextmanager
+def tracking_server(
+    store: Path,
+    log=print,
+    timeout_s: float = 120.0,
+    while_starting: Callable[[str], None] | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> Iterator[str]:
+    """Start the embedded server for the duration of the block (or take over the one
+    :func:`server_booting` started on ``store``); yields its URI.
+
+    ``while_starting(uri)`` runs while the server boots (e.g. starting Ray and restoring Tune's
+    experiment state); it must not call the server. With ``on_ready``, the block does not wait for
+    the server either: a watcher thread calls ``on_ready(uri)`` once it answers, or, if it never
+    does, logs why and interrupts this process (SIGINT: a sweep stops as after Ctrl-C, resumable).
+    ``on_ready`` must not import anything (do the imports before): the main thread is importing
+    at the same time, and concurrent imports of large packages can leave them half-initialised.
+    ``mode-cl resume`` uses this to let Tune start its trials during the server's last seconds of
+    booting — a trial's first call to the server comes ~10 s later, and the MLflow client retries."""
+    server = None
+    try:
+        server = _BOOTING.pop(store.resolve(), None) or start_server(store)
+        process, url = server.process, server.url
         if while_starting is not None:
             while_starting(url)
         if on_ready is None:
@@ -245,8 +295,8 @@ def tracking_server(
             threading.Thread(target=watch, name="mlflow-ready", daemon=True).start()
         yield url
     finally:
-        if process is not None:
-            stop_server(process)
+        if server is not None:
+            stop_server(server.process)
 
 
 def resolve_tracking_uri(explicit: str | None) -> str | None:

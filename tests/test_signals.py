@@ -6,6 +6,7 @@ documented set in RELIABILITY.md: all of them), so any new wide listener fails h
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.faults._helpers import MODE_CL, RAY, free_port, ray_processes, ray_temp_dir, wait_until
@@ -63,7 +65,6 @@ LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 def _wide_listeners(root_pid: int, temp_dir: Path) -> tuple[int, list[str]]:
     """(listening sockets seen, those not on loopback) of the process tree under ``root_pid`` and
     of every process of the Ray session under ``temp_dir``."""
-    import psutil
 
     root = psutil.Process(root_pid)
     processes = {root, *root.children(recursive=True)}
@@ -183,7 +184,7 @@ def test_tracking_server_relay_stops_listening(stopping, tmp_path):
             os.killpg(relay.pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("start", ["serve_forever", "start_detached", "tracking_server"])
+@pytest.mark.parametrize("start", ["start_server", "serve_forever", "start_detached", "tracking_server"])
 def test_a_stop_during_popen_still_stops_the_server(start, tmp_path, monkeypatch):
     """A SIGTERM that arrives inside ``subprocess.Popen``, after the fork, is acted on once Popen
     has returned: the server is stopped. (Acted on at once, the KeyboardInterrupt would leave a
@@ -205,6 +206,7 @@ def test_a_stop_during_popen_still_stops_the_server(start, tmp_path, monkeypatch
     monkeypatch.setattr(mlflow_server.subprocess, "Popen", popen_then_signal)
     store, port = tmp_path / "store", free_port()
     calls = {
+        "start_server": lambda: mlflow_server.start_server(store),
         "serve_forever": lambda: mlflow_server.serve_forever(store, port),
         "start_detached": lambda: mlflow_server.start_detached(store, "127.0.0.1", port),
         "tracking_server": lambda: mlflow_server.tracking_server(store, log=lambda _: None).__enter__(),
@@ -221,6 +223,62 @@ def test_a_stop_during_popen_still_stops_the_server(start, tmp_path, monkeypatch
             process.kill()
             process.wait()
     assert len(started) == 1 and not leftover, "the server started during the signal was left running"
+
+
+def _servers_of(store: Path) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if str(store.resolve()) in " ".join(process.info["cmdline"] or []):
+                found.append(process)
+    return found
+
+
+def test_a_server_booted_early_is_taken_over_or_stopped(tmp_path, monkeypatch):
+    """``server_booting`` starts the server only on a store that exists; a ``tracking_server`` on
+    that store inside the block takes it over (one server, its URI); one not taken over is stopped."""
+    from orchestrator import mlflow_server
+
+    started, stopped = [], []
+
+    def fake_start(store):
+        started.append(mlflow_server.ServerProcess(object(), f"http://127.0.0.1:{len(started) + 1}"))
+        return started[-1]
+
+    monkeypatch.setattr(mlflow_server, "start_server", fake_start)
+    monkeypatch.setattr(mlflow_server, "stop_server", stopped.append)
+    monkeypatch.setattr(mlflow_server, "_wait_healthy", lambda *args: None)
+    store = tmp_path / "mlflow"
+    with mlflow_server.server_booting(store):  # no store yet: nothing starts early, nothing is created
+        assert not started and not store.exists()
+    store.mkdir()
+    (store / "mlflow.db").touch()
+    with mlflow_server.server_booting(store):
+        assert len(started) == 1
+        with mlflow_server.tracking_server(store, log=lambda _: None) as uri:
+            assert uri == started[0].url and len(started) == 1
+        assert stopped == [started[0].process]
+    assert stopped == [started[0].process]  # stopped once, by the block that ran it
+    with pytest.raises(RuntimeError), mlflow_server.server_booting(store):
+        raise RuntimeError("the input was refused")
+    assert len(started) == 2 and stopped[-1] is started[1].process
+    with mlflow_server.tracking_server(store, log=lambda _: None) as uri:  # outside any block: its own
+        assert uri == started[2].url
+
+
+def test_a_refused_resume_leaves_no_server_running(tmp_path, capsys):
+    """`mode-cl resume` of a sweep that is not there, with a tracking store from earlier sweeps: the
+    server it booted while checking is stopped, and the command fails with its one line, exit 2."""
+    from orchestrator.cli import main
+
+    store = tmp_path / "work" / "mlflow"
+    store.mkdir(parents=True)
+    (store / "mlflow.db").touch()
+    code = main(["resume", "never-ran", "--work-dir", str(tmp_path / "work")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no sweep at" in err[0], err
+    assert wait_until(lambda: not _servers_of(store), 30), [p.info["cmdline"] for p in _servers_of(store)]
+    assert (store / "server.log").exists(), "no server was started early: this test checks nothing"
 
 
 def _start_train_and_stop(
