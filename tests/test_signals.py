@@ -266,17 +266,22 @@ def test_a_server_booted_early_is_taken_over_or_stopped(tmp_path, monkeypatch):
         assert uri == started[2].url
 
 
-def test_a_refused_resume_leaves_no_server_running(tmp_path, capsys):
-    """`mode-cl resume` of a sweep that is not there, with a tracking store from earlier sweeps: the
-    server it booted while checking is stopped, and the command fails with its one line, exit 2."""
+@pytest.mark.parametrize(
+    ("argv", "expected"), [(["resume", "never-ran"], "no sweep at"), (["sweep", "no-such-space.yaml"], "not found")]
+)
+def test_a_refused_sweep_command_leaves_no_server_running(argv, expected, tmp_path, capsys, monkeypatch):
+    """`mode-cl resume` of a sweep that is not there, or `mode-cl sweep` of a missing space file,
+    with a tracking store from earlier sweeps: the server booted while the input was checked is
+    stopped, and the command fails with its one line, exit 2."""
     from orchestrator.cli import main
 
+    monkeypatch.chdir(tmp_path)
     store = tmp_path / "work" / "mlflow"
     store.mkdir(parents=True)
     (store / "mlflow.db").touch()
-    code = main(["resume", "never-ran", "--work-dir", str(tmp_path / "work")])
+    code = main([*argv, "--work-dir", str(tmp_path / "work")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "no sweep at" in err[0], err
+    assert code == 2 and len(err) == 1 and expected in err[0], err
     assert wait_until(lambda: not _servers_of(store), 30), [p.info["cmdline"] for p in _servers_of(store)]
     assert (store / "server.log").exists(), "no server was started early: this test checks nothing"
 
