@@ -135,16 +135,6 @@ def _tracking(args: argparse.Namespace):
     return TrackingChoice(resolve_tracking_uri(args.tracking_uri), args.no_tracking, Path(args.work_dir) / "mlflow")
 
 
-def _server_booting(tracking):
-    """The embedded tracking server starts now when its store exists (see
-    :func:`orchestrator.mlflow_server.server_booting`); nothing for a configured or disabled one."""
-    from contextlib import nullcontext
-
-    from orchestrator.mlflow_server import server_booting
-
-    return nullcontext() if tracking.disabled or tracking.uri else server_booting(tracking.store)
-
-
 def _sweep(args: argparse.Namespace) -> int:
     from orchestrator.ray_runtime import set_verbose
     from orchestrator.report import print_trials, wide_console
@@ -158,7 +148,7 @@ def _sweep(args: argparse.Namespace) -> int:
     console = wide_console()
     set_verbose(args.verbose)
     tracking = _tracking(args)
-    with _server_booting(tracking):  # it boots while the space is imported and checked
+    with tracking.server_booting():  # it boots while the space is imported and checked
         from orchestrator.space import load_space
         from orchestrator.sweep import start_sweep
 
@@ -182,7 +172,7 @@ def _resume(args: argparse.Namespace) -> int:
     console = wide_console()
     set_verbose(args.verbose)
     tracking = _tracking(args)
-    with _server_booting(tracking):  # it boots while the sweep is imported and checked
+    with tracking.server_booting():  # it boots while the sweep is imported and checked
         from orchestrator.sweep import resume
 
         rows = resume(args.sweep, _storage(args), tracking, args.address, console.print)

@@ -41,6 +41,19 @@ class TrackingChoice:
     disabled: bool
     store: Path
 
+    @property
+    def embedded(self) -> bool:
+        """Whether the sweep command runs its own server on ``store``."""
+        return not (self.disabled or self.uri)
+
+    def server_booting(self) -> contextlib.AbstractContextManager[None]:
+        """The embedded server starts now when its store exists, and boots while the command
+        imports and checks its input (:func:`orchestrator.mlflow_server.server_booting`); nothing
+        for a configured or disabled one."""
+        from orchestrator.mlflow_server import server_booting
+
+        return server_booting(self.store) if self.embedded else contextlib.nullcontext()
+
 
 def tracking_and_ray(
     choice: TrackingChoice,
@@ -62,7 +75,7 @@ def tracking_and_ray(
         if prepare is not None:
             prepare(tracking_uri)
 
-    if choice.disabled or choice.uri:
+    if not choice.embedded:
         uri = None if choice.disabled else choice.uri
         if prepare is not None:
             start(uri)

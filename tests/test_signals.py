@@ -65,7 +65,6 @@ LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 def _wide_listeners(root_pid: int, temp_dir: Path) -> tuple[int, list[str]]:
     """(listening sockets seen, those not on loopback) of the process tree under ``root_pid`` and
     of every process of the Ray session under ``temp_dir``."""
-
     root = psutil.Process(root_pid)
     processes = {root, *root.children(recursive=True)}
     processes |= {psutil.Process(int(line.split()[0])) for line in ray_processes(temp_dir)}
