@@ -12,6 +12,9 @@ keeps its first N trials):
 and prints the sweep's wall time (target for the default sweep: ≤ 8 min), sweep wall / back-to-back
 wall, the speedup from concurrent trials,
 each trial's wall-time breakdown (engine phases + Ray Train worker start) and peak RSS per trial.
+For the sweep and for each resume it also prints the CPU-seconds the whole machine was busy
+(``/proc/stat``, Linux), and the wall time that work alone needs on this machine's cores: a target
+below that bound cannot be met by scheduling, only by removing work.
 Data, base model and teacher cache are prepared once before anything is timed (all runs share
 them, as trials of a sweep do).
 """
@@ -62,6 +65,28 @@ def subset_space(space_path: Path, count: int | None, target: Path, name: str) -
     return target, trials
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU-seconds the whole machine has been busy since boot (``/proc/stat``: user, nice, system,
+    irq and softirq; not idle, iowait or steal), or None where there is no ``/proc/stat``."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_line(what: str, wall: float, busy: float | None) -> str:
+    """How much CPU ``what`` took machine-wide and the wall time that work needs on all cores."""
+    if busy is None:
+        return f"{what}: machine CPU not measured (no /proc/stat)"
+    cores = os.cpu_count() or 1
+    return (
+        f"{what}: {busy:.1f} CPU-s machine-wide in {wall:.1f}s wall ({busy / wall:.2f} of {cores} cores busy "
+        f"on average); that work alone needs ≥ {busy / cores:.1f}s on {cores} cores"
+    )
+
+
 def back_to_back(space_file: Path, trials: list[dict], work_dir: Path) -> tuple[float, list[dict]]:
     space = load_space(space_file)
     profiles = []
@@ -74,13 +99,15 @@ def back_to_back(space_file: Path, trials: list[dict], work_dir: Path) -> tuple[
     return time.perf_counter() - started, profiles
 
 
-def sweep(space_file: Path, work_dir: Path, name: str) -> tuple[float, list[dict]]:
+def sweep(space_file: Path, work_dir: Path, name: str) -> tuple[float, float | None, list[dict]]:
+    """The sweep's wall seconds, the machine's busy CPU-seconds meanwhile, and each trial's profile."""
     from mlflow.tracking import MlflowClient
 
-    started = time.perf_counter()
+    started, busy_before = time.perf_counter(), busy_cpu_seconds()
     command = [MODE_CL, "sweep", str(space_file), "--name", name, "--work-dir", str(work_dir)]
     result = subprocess.run(command, capture_output=True, text=True)
-    wall = time.perf_counter() - started
+    wall, busy_after = time.perf_counter() - started, busy_cpu_seconds()
+    busy = None if busy_before is None or busy_after is None else busy_after - busy_before
     if result.returncode != 0:
         raise SystemExit(f"sweep failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     client = MlflowClient(f"sqlite:///{work_dir / 'mlflow' / 'mlflow.db'}")
@@ -92,10 +119,12 @@ def sweep(space_file: Path, work_dir: Path, name: str) -> tuple[float, list[dict
         seconds = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("time_s/")}
         trial_wall = (child.info.end_time - child.info.start_time) / 1000 if child.info.end_time else None
         profiles.append({"seconds": seconds, "peak_rss_mb": metrics.get("peak_rss_mb"), "run_wall": trial_wall})
-    return wall, profiles
+    return wall, busy, profiles
 
 
-def resume_latency(space_file: Path, work_dir: Path, name: str, trace: bool = False) -> float:
+def resume_latency(space_file: Path, work_dir: Path, name: str, trace: bool = False) -> tuple[float, float | None]:
+    """Seconds from ``mode-cl resume`` to the first new training step, and the CPU-seconds the
+    machine was busy in that time (None without ``/proc/stat``)."""
     common = ["--work-dir", str(work_dir)]
     log_path = work_dir / f"{name}-first.log"
     with log_path.open("w") as log:
@@ -116,7 +145,7 @@ def resume_latency(space_file: Path, work_dir: Path, name: str, trace: bool = Fa
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     subprocess.run([RAY, "stop", "--force"], capture_output=True, check=False)
-    started = time.perf_counter()
+    started, busy_before = time.perf_counter(), busy_cpu_seconds()
     resumed = subprocess.Popen(
         # --verbose: the worker's "training again" line reaches the terminal only with it
         [MODE_CL, "resume", name, "--verbose", *common],
@@ -131,13 +160,15 @@ def resume_latency(space_file: Path, work_dir: Path, name: str, trace: bool = Fa
             print(f"{time.perf_counter() - started:6.1f}s  {line.rstrip()}", flush=True)
         if "training again after the resume" in line:
             latency = time.perf_counter() - started
+            busy_after = busy_cpu_seconds()
             break
     os.killpg(resumed.pid, signal.SIGKILL)  # the rest of the trial is not what is measured
     resumed.wait()
     subprocess.run([RAY, "stop", "--force"], capture_output=True, check=False)
     if latency is None:
         raise SystemExit("mode-cl resume never reached a training step")
-    return latency
+    busy = None if busy_before is None or busy_after is None else busy_after - busy_before
+    return latency, busy
 
 
 def phase_table(title: str, profiles: list[dict]) -> Table:
@@ -182,15 +213,18 @@ def main() -> None:
     one_trial, _ = subset_space(Path(args.space), 1, work_dir / "resume_space.yaml", f"resume-{stamp}")
     if args.resume_only:
         # The first measurement prints its trace; each one kills and resumes a sweep of its own.
-        latencies = [
+        measured = [
             resume_latency(one_trial, work_dir, f"resume-{stamp}-{index}", trace=index == 0)
             for index in range(args.repeats)
         ]
+        latencies = [latency for latency, _ in measured]
         each = ", ".join(f"{s:.1f}" for s in latencies)
         console.print(
             f"mode-cl resume → first new training step: median {statistics.median(latencies):.1f}s "
             f"(each: {each}; target ≤ 15 s)"
         )
+        for index, (latency, busy) in enumerate(measured, start=1):
+            console.print(cpu_line(f"resume {index}, command → first step", latency, busy))
         return
     console.print(f"[bold]sweep overhead[/]: {len(trials)} trials of {args.space}; work dir {work_dir}")
 
@@ -200,9 +234,9 @@ def main() -> None:
 
     b2b_wall, b2b_profiles = back_to_back(space_file, trials, work_dir)
     console.print(f"back-to-back in-process: {b2b_wall:.1f}s")
-    sweep_wall, sweep_profiles = sweep(space_file, work_dir, f"overhead-{stamp}")
+    sweep_wall, sweep_busy, sweep_profiles = sweep(space_file, work_dir, f"overhead-{stamp}")
     console.print(f"mode-cl sweep: {sweep_wall:.1f}s")
-    resume_s = resume_latency(one_trial, work_dir, f"resume-{stamp}")
+    resume_s, resume_busy = resume_latency(one_trial, work_dir, f"resume-{stamp}")
 
     console.print(phase_table("in-process engine, per trial", b2b_profiles))
     console.print(phase_table("inside the sweep (Ray Train worker), per trial", sweep_profiles))
@@ -217,7 +251,9 @@ def main() -> None:
         f"speedup of the sweep over back-to-back: {b2b_wall / sweep_wall:.2f}×",
         f"per trial: engine {engine_mean:.1f}s, MLflow child run open {statistics.mean(run_walls):.1f}s, "
         f"Ray Train worker start {statistics.mean(p['seconds'].get('worker_start', 0) for p in sweep_profiles):.1f}s",
+        cpu_line("the sweep", sweep_wall, sweep_busy),
         f"mode-cl resume → first new training step: {resume_s:.1f}s  (target ≤ 15 s)",
+        cpu_line("the resume, command → first step", resume_s, resume_busy),
         f"peak RSS per trial (Train worker): mean {statistics.mean(rss):.0f} MB, max {max(rss):.0f} MB",
     ]
     for line in lines:
@@ -230,7 +266,9 @@ def main() -> None:
         "back_to_back_s": b2b_wall,
         "sweep_s": sweep_wall,
         "ratio": ratio,
+        "sweep_busy_cpu_s": sweep_busy,
         "resume_to_first_step_s": resume_s,
+        "resume_busy_cpu_s": resume_busy,
         "peak_rss_mb": rss,
         "sweep_profiles": sweep_profiles,
         "back_to_back_profiles": b2b_profiles,

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import randomize_adapters
+from tests.conftest import NUM_CODES, randomize_adapters
+from trainables.batching import SampleSet
 from trainables.benchmarks.digits import evaluate
 from trainables.benchmarks.digits.data import (
     SCHEMA,
@@ -274,3 +275,35 @@ def test_all_tasks_scored_together_equal_each_task_scored_alone(make_model, seq,
     for task, (rows, starts, answer_ids) in tests.items():
         alone = answer_accuracy(model, rows, starts, builder, answer_ids)
         assert together[task] == alone, task
+
+
+@pytest.mark.parametrize("rows", [3, 100])
+def test_image_nll_is_the_mean_over_every_image_token_whatever_the_rows_per_forward(
+    rows, make_model, seq, ids, monkeypatch
+):
+    """``image_nll`` reads the sequences ``ROWS_PER_FORWARD`` at a time (chunks of 3, 3 and 1 here,
+    or all 7 at once). Whatever the chunks, it is the mean NLL over every labelled token (begin-image
+    through end-image) of every sequence, over the image vocabulary, computed here one sequence at a
+    time. The prompts differ in length, so the chunks are padded differently and hold different
+    numbers of tokens."""
+    monkeypatch.setattr(evaluate, "ROWS_PER_FORWARD", rows)
+    model = build_method(MethodConfig(name="mode", r=2, num_experts=2), ids).attach(make_model()).eval()
+    randomize_adapters(model, scale=0.5)
+    generator = torch.Generator().manual_seed(0)
+    prompts = ["draw two", "draw", "draw zero one"]
+    sequences = [
+        seq.generation(prompts[i % 3], torch.randint(0, NUM_CODES, (6,), generator=generator).tolist())
+        for i in range(7)
+    ]
+    image_vocab = ids.image_vocab_mask().nonzero().squeeze(-1)
+    position_in_image_vocab = {int(token): index for index, token in enumerate(image_vocab)}
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for sequence in sequences:
+            after_separator = sequence.index(ids.separator) + 1
+            logits = causal_lm_logits(model, torch.tensor([sequence]))[0, after_separator - 1 : -1, image_vocab]
+            targets = torch.tensor([position_in_image_vocab[t] for t in sequence[after_separator:]])
+            total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            count += len(targets)
+    samples = SampleSet(sequences, [True] * len(sequences), ids.pad)
+    assert evaluate.image_nll(model, samples, SimpleNamespace(ids=ids)) == pytest.approx(total / count, rel=1e-5)
