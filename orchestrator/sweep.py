@@ -16,12 +16,13 @@ and the tracking server side by side.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,8 @@ def progress_callback(
     trial's name (its swept values), status, tasks done / total, latest avg acc and gen acc,
     elapsed and estimated remaining time. With a parent run, its grouped table and plots are
     refreshed as each trial finishes. (Tune pickles its callbacks with the experiment state, so the
-    live display is created on first use and never pickled.)"""
+    live display is created on first use and never pickled, and a restored sweep's callback takes
+    the resuming process's parent run and display: :func:`resumed_progress`.)"""
     from ray.tune import Callback
 
     class Progress(Callback):
@@ -153,10 +155,17 @@ def progress_callback(
             self.best: tuple[float, str] | None = None
             self.ended: set[str] = set()
             self.completed: set[str] = set()
+            self.parent, self.live = parent, live
             self._live = None
 
         def __getstate__(self) -> dict:
             return {**self.__dict__, "_live": None}
+
+        def __setstate__(self, state: dict) -> None:
+            from orchestrator.sweep import resumed_progress  # the live module, not a pickled copy
+
+            self.__dict__.update(state)
+            self.parent, self.live = resumed_progress(self.parent, self.live)
 
         def on_experiment_end(self, trials, **info):
             if self._live is not None:
@@ -183,10 +192,10 @@ def progress_callback(
             self.ended.add(trial.trial_id)
             self.completed.add(trial.trial_id)
             self._print(trials)
-            if parent is not None:
+            if self.parent is not None:
                 finished = [trial_row(t) | {"status": "TERMINATED"} for t in trials if t.trial_id in self.completed]
                 try:  # a refresh only: the final table is logged when the sweep finishes
-                    log_grouped(parent, finished, final=False)
+                    log_grouped(self.parent, finished, final=False)
                 except Exception as error:  # an unreachable server must not stop the sweep
                     print(f"[sweep] grouped table not refreshed on the parent run: {type(error).__name__}: {error}")
 
@@ -202,7 +211,7 @@ def progress_callback(
             running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
             best = f"{metric} {self.best[0]:.3f} (trial {self.best[1]})" if self.best else "— (no trial finished yet)"
             line = f"[bold]\\[sweep][/] trials done {len(self.ended)}/{total}, running {running}, best so far: {best}"
-            if not live:
+            if not self.live:
                 from rich.markup import escape
 
                 if event:
@@ -217,6 +226,40 @@ def progress_callback(
             self._live.update(live_table(trials, tasks_per_trial, line), refresh=True)
 
     return Progress()
+
+
+# While restore_sweep restores a sweep in this process: (the parent run it now logs to, or None
+# without tracking; whether it draws a live table). None at any other time.
+_restoring: tuple[ParentRun | None, bool] | None = None
+
+
+def resumed_progress(parent: ParentRun | None, live: bool) -> tuple[ParentRun | None, bool]:
+    """The parent run and display of an unpickled progress callback. Tune restores a sweep's
+    callbacks as they were pickled: with the tracking URI of the server the sweep last ran against
+    (an embedded server gets a new port on every start, so each refresh would spend minutes in the
+    MLflow client's retries against a dead port) and the display of the terminal it ran in. During
+    :func:`restore_sweep` they become the resuming process's; at any other time they stay."""
+    if _restoring is None:
+        return parent, live
+    resumed, resumed_live = _restoring
+    return (resumed if parent is not None else None), resumed_live
+
+
+@contextlib.contextmanager
+def _restoring_as(parent: ParentRun | None, live: bool) -> Iterator[None]:
+    global _restoring
+    _restoring = (parent, live)
+    try:
+        yield
+    finally:
+        _restoring = None
+
+
+def _live_table() -> bool:
+    """Progress as one live table (a terminal, without ``--verbose``) rather than one line per event."""
+    from orchestrator.ray_runtime import is_verbose
+
+    return not is_verbose() and sys.stdout.isatty()
 
 
 def _say_where_ray_logs(log: Log) -> None:
@@ -302,7 +345,7 @@ def _tuner(space: SweepSpace, context: DriverContext, storage: str, restore_path
                     space.objective_mode,
                     context.parent,
                     len(space.configs[0].tasks),
-                    live=not is_verbose() and sys.stdout.isatty(),
+                    live=_live_table(),
                 )
             ],
             verbose=1 if is_verbose() else 0,
@@ -412,7 +455,8 @@ def restore_sweep(resumable: ResumableSweep, tracking_uri: str | None, log: Log)
         parent = ParentRun(tracking_uri, record["experiment_id"], record["parent_run_id"])
     log(f"resuming sweep {space.name} from {resumable.directory}")
     context = _context(space, Path(record["work_dir"]), record["storage"], parent)
-    tuner = _tuner(space, context, record["storage"], restore_path=str(resumable.directory))
+    with _restoring_as(parent, _live_table()):  # Tune unpickles the progress callback in here
+        tuner = _tuner(space, context, record["storage"], restore_path=str(resumable.directory))
     return RestoredSweep(resumable.directory, parent, tuner)
 
 

@@ -73,6 +73,9 @@ def test_killed_sweep_driver_resumes_to_the_uninterrupted_results(tmp_path):
         # runs (under --name), not from scratch under the space file's `name:`.
         assert "resuming from checkpoint ckpt_t" in result.stdout + result.stderr
         assert not (tmp_path / "sweeps" / "other").exists()
+        # The restored progress callback refreshes the parent run's grouped table on this server,
+        # not on the killed sweep's (gone: each refresh would wait out the MLflow client's retries).
+        assert "grouped table not refreshed" not in result.stdout + result.stderr
 
         server.start()
         client = MlflowClient(server.uri)
@@ -88,6 +91,34 @@ def test_killed_sweep_driver_resumes_to_the_uninterrupted_results(tmp_path):
         server.stop()
         subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, check=False)
     assert wait_until(lambda: not ray_processes(temp_dir), 30), ray_processes(temp_dir)
+
+
+def test_a_restored_progress_callback_logs_to_the_resuming_processs_server_and_terminal():
+    """Tune restores a sweep's callbacks as pickled: with the tracking URI of the server the sweep
+    last ran against and the display of its terminal. Unpickled while `restore_sweep` restores, the
+    progress callback logs to the resumed parent run (or nowhere, without tracking) and draws the
+    resuming terminal's display; any other unpickling keeps what it had."""
+    import ray.cloudpickle
+
+    from orchestrator import sweep
+    from orchestrator.sweep_tracking import ParentRun
+
+    killed = ParentRun("http://127.0.0.1:40001", "3", "parent-run")
+    resumed = ParentRun("http://127.0.0.1:40002", "3", "parent-run")
+
+    def restored(callback, parent=None, live=False, resuming=True):
+        pickled = ray.cloudpickle.dumps(callback)
+        if not resuming:
+            return ray.cloudpickle.loads(pickled)
+        with sweep._restoring_as(parent, live):
+            return ray.cloudpickle.loads(pickled)
+
+    tracked = sweep.progress_callback(2, "avg_acc", "max", killed, live=True)
+    assert (restored(tracked, resuming=False).parent, restored(tracked, resuming=False).live) == (killed, True)
+    assert (restored(tracked, resumed).parent, restored(tracked, resumed).live) == (resumed, False)
+    assert restored(tracked, None).parent is None  # resumed without tracking
+    assert restored(sweep.progress_callback(2, "avg_acc", "max", None), resumed).parent is None
+    assert sweep._restoring is None
 
 
 REOPEN_IN_A_FRESH_PROCESS = """
