@@ -16,13 +16,12 @@ and the tracking server side by side.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,6 @@ from orchestrator.sweep_tracking import (
     TrackingChoice,
     create_parent_run,
     finish_parent_run,
-    log_grouped,
     parent_run_reopener,
     parent_status_on_failure,
     tracking_and_ray,
@@ -141,118 +139,10 @@ def _search(space: SweepSpace):
 def progress_callback(
     total: int, metric: str, mode: str, parent: ParentRun | None = None, tasks_per_trial: int = 0, live: bool = False
 ):
-    """Live progress: trials done / running and the best objective so far, one line per event;
-    with ``live`` (a terminal, without ``--verbose``) one table redrawn in place instead: each
-    trial's name (its swept values), status, tasks done / total, latest avg acc and gen acc,
-    elapsed and estimated remaining time. With a parent run, its grouped table and plots are
-    refreshed as each trial finishes. (Tune pickles its callbacks with the experiment state, so the
-    live display is created on first use and never pickled, and a restored sweep's callback takes
-    the resuming process's parent run and display: :func:`resumed_progress`.)"""
-    from ray.tune import Callback
+    """The sweep's progress callback (:class:`orchestrator.sweep_progress.SweepProgress`)."""
+    from orchestrator.sweep_progress import SweepProgress
 
-    class Progress(Callback):
-        def __init__(self) -> None:
-            self.best: tuple[float, str] | None = None
-            self.ended: set[str] = set()
-            self.completed: set[str] = set()
-            self.parent, self.live = parent, live
-            self._live = None
-
-        def __getstate__(self) -> dict:
-            return {**self.__dict__, "_live": None}
-
-        def __setstate__(self, state: dict) -> None:
-            from orchestrator.sweep import resumed_progress  # the live module, not a pickled copy
-
-            self.__dict__.update(state)
-            self.parent, self.live = resumed_progress(self.parent, self.live)
-
-        def on_experiment_end(self, trials, **info):
-            if self._live is not None:
-                self._live.stop()
-                self._live = None
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if result.get("step", 0) == 0 and result.get("tasks_done", 0) > 0:  # a task just ended
-                total = len(trial.config.get("trial", {}).get("tasks") or []) or tasks_per_trial
-                scores = ", ".join(
-                    f"{name} {result[key]:.3f}"
-                    for key, name in (("avg_acc", "avg acc"), ("gen_acc", "gen acc"))
-                    if isinstance(result.get(key), float)
-                )
-                self._print(trials, f"{trial}: task {result['tasks_done']}/{total} done ({scores})")
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            # Only finished trials compete: an early stage's average over fewer tasks is not comparable.
-            value = (trial.last_result or {}).get(metric)
-            if value is not None and (
-                self.best is None or (value > self.best[0] if mode == "max" else value < self.best[0])
-            ):
-                self.best = (value, str(trial))
-            self.ended.add(trial.trial_id)
-            self.completed.add(trial.trial_id)
-            self._print(trials)
-            if self.parent is not None:
-                finished = [trial_row(t) | {"status": "TERMINATED"} for t in trials if t.trial_id in self.completed]
-                try:  # a refresh only: the final table is logged when the sweep finishes
-                    log_grouped(self.parent, finished, final=False)
-                except Exception as error:  # an unreachable server must not stop the sweep
-                    print(f"[sweep] grouped table not refreshed on the parent run: {type(error).__name__}: {error}")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.ended.add(trial.trial_id)
-            self._print(trials)
-
-        def _print(self, trials, event: str = "") -> None:
-            """``event``: what just happened, said on the line (without a live table, where the
-            table's rows would say it)."""
-            from rich.console import Console
-
-            running = sum(t.status == "RUNNING" and t.trial_id not in self.ended for t in trials)
-            best = f"{metric} {self.best[0]:.3f} (trial {self.best[1]})" if self.best else "— (no trial finished yet)"
-            line = f"[bold]\\[sweep][/] trials done {len(self.ended)}/{total}, running {running}, best so far: {best}"
-            if not self.live:
-                from rich.markup import escape
-
-                if event:
-                    line = line.replace("trials done", f"{escape(event)}; trials done", 1)
-                Console(soft_wrap=True, highlight=False).print(line)
-                return
-            if self._live is None:
-                from rich.live import Live
-
-                self._live = Live(auto_refresh=False, console=Console())
-                self._live.start()
-            self._live.update(live_table(trials, tasks_per_trial, line), refresh=True)
-
-    return Progress()
-
-
-# While restore_sweep restores a sweep in this process: (the parent run it now logs to, or None
-# without tracking; whether it draws a live table). None at any other time.
-_restoring: tuple[ParentRun | None, bool] | None = None
-
-
-def resumed_progress(parent: ParentRun | None, live: bool) -> tuple[ParentRun | None, bool]:
-    """The parent run and display of an unpickled progress callback. Tune restores a sweep's
-    callbacks as they were pickled: with the tracking URI of the server the sweep last ran against
-    (an embedded server gets a new port on every start, so each refresh would spend minutes in the
-    MLflow client's retries against a dead port) and the display of the terminal it ran in. During
-    :func:`restore_sweep` they become the resuming process's; at any other time they stay."""
-    if _restoring is None:
-        return parent, live
-    resumed, resumed_live = _restoring
-    return (resumed if parent is not None else None), resumed_live
-
-
-@contextlib.contextmanager
-def _restoring_as(parent: ParentRun | None, live: bool) -> Iterator[None]:
-    global _restoring
-    _restoring = (parent, live)
-    try:
-        yield
-    finally:
-        _restoring = None
+    return SweepProgress(total, metric, mode, parent, tasks_per_trial, live)
 
 
 def _live_table() -> bool:
@@ -455,7 +345,9 @@ def restore_sweep(resumable: ResumableSweep, tracking_uri: str | None, log: Log)
         parent = ParentRun(tracking_uri, record["experiment_id"], record["parent_run_id"])
     log(f"resuming sweep {space.name} from {resumable.directory}")
     context = _context(space, Path(record["work_dir"]), record["storage"], parent)
-    with _restoring_as(parent, _live_table()):  # Tune unpickles the progress callback in here
+    from orchestrator.sweep_progress import restoring_as
+
+    with restoring_as(parent, _live_table()):  # Tune unpickles the progress callback in here
         tuner = _tuner(space, context, record["storage"], restore_path=str(resumable.directory))
     return RestoredSweep(resumable.directory, parent, tuner)
 

@@ -93,32 +93,53 @@ def test_killed_sweep_driver_resumes_to_the_uninterrupted_results(tmp_path):
     assert wait_until(lambda: not ray_processes(temp_dir), 30), ray_processes(temp_dir)
 
 
-def test_a_restored_progress_callback_logs_to_the_resuming_processs_server_and_terminal():
-    """Tune restores a sweep's callbacks as pickled: with the tracking URI of the server the sweep
-    last ran against and the display of its terminal. Unpickled while `restore_sweep` restores, the
-    progress callback logs to the resumed parent run (or nowhere, without tracking) and draws the
-    resuming terminal's display; any other unpickling keeps what it had."""
+def test_a_restored_progress_callback_logs_to_the_resuming_process_server_and_terminal(monkeypatch, capsys):
+    """Tune restores a sweep's callbacks from the pickle written when the sweep started: with the
+    tracking URI of that process's server and the display of its terminal, and without the trials
+    that ended since. Unpickled inside `restoring_as` (as `restore_sweep` does), the progress
+    callback logs to the resumed parent run (or nowhere, without tracking) and draws the resuming
+    terminal's display; any other unpickling keeps what it had. Its refresh of the grouped table
+    and its counts include the trials restored as finished."""
+    from types import SimpleNamespace
+
     import ray.cloudpickle
 
-    from orchestrator import sweep
+    from orchestrator import sweep_progress
+    from orchestrator.sweep import progress_callback
     from orchestrator.sweep_tracking import ParentRun
 
-    killed = ParentRun("http://127.0.0.1:40001", "3", "parent-run")
+    started = ParentRun("http://127.0.0.1:40001", "3", "parent-run")
     resumed = ParentRun("http://127.0.0.1:40002", "3", "parent-run")
 
     def restored(callback, parent=None, live=False, resuming=True):
         pickled = ray.cloudpickle.dumps(callback)
         if not resuming:
             return ray.cloudpickle.loads(pickled)
-        with sweep._restoring_as(parent, live):
+        with sweep_progress.restoring_as(parent, live):
             return ray.cloudpickle.loads(pickled)
 
-    tracked = sweep.progress_callback(2, "avg_acc", "max", killed, live=True)
-    assert (restored(tracked, resuming=False).parent, restored(tracked, resuming=False).live) == (killed, True)
-    assert (restored(tracked, resumed).parent, restored(tracked, resumed).live) == (resumed, False)
+    tracked = progress_callback(3, "avg_acc", "max", started, live=True)
+    kept = restored(tracked, resuming=False)
+    assert (kept.parent, kept.live) == (started, True)
+    rebound = restored(tracked, resumed)
+    assert (rebound.parent, rebound.live) == (resumed, False)
     assert restored(tracked, None).parent is None  # resumed without tracking
-    assert restored(sweep.progress_callback(2, "avg_acc", "max", None), resumed).parent is None
-    assert sweep._restoring is None
+    assert restored(progress_callback(3, "avg_acc", "max", None), resumed).parent is None
+    assert sweep_progress._restoring is None
+
+    class Trial(SimpleNamespace):
+        def __str__(self) -> str:
+            return self.trial_id
+
+    before = Trial(trial_id="t0", status="TERMINATED", config={}, last_result={"avg_acc": 0.7})
+    now = Trial(trial_id="t1", status="TERMINATED", config={}, last_result={"avg_acc": 0.6})
+    running = Trial(trial_id="t2", status="RUNNING", config={}, last_result={})
+    refreshed = []
+    monkeypatch.setattr(sweep_progress, "log_grouped", lambda parent, rows, final: refreshed.append((parent, rows)))
+    rebound.on_trial_complete(0, [before, now, running], now)
+    [(parent, rows)] = refreshed
+    assert parent == resumed and [row["trial_id"] for row in rows] == ["t0", "t1"]
+    assert "trials done 2/3, running 1, best so far: avg_acc 0.700 (trial t0)" in capsys.readouterr().out
 
 
 REOPEN_IN_A_FRESH_PROCESS = """
