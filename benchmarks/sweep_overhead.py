@@ -76,6 +76,12 @@ def busy_cpu_seconds() -> float | None:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+def busy_since(before: float | None) -> float | None:
+    """Busy CPU-seconds of the machine since ``before`` (a :func:`busy_cpu_seconds` reading)."""
+    now = busy_cpu_seconds()
+    return None if before is None or now is None else now - before
+
+
 def cpu_line(what: str, wall: float, busy: float | None) -> str:
     """How much CPU ``what`` took machine-wide and the wall time that work needs on all cores."""
     if busy is None:
@@ -106,8 +112,7 @@ def sweep(space_file: Path, work_dir: Path, name: str) -> tuple[float, float | N
     started, busy_before = time.perf_counter(), busy_cpu_seconds()
     command = [MODE_CL, "sweep", str(space_file), "--name", name, "--work-dir", str(work_dir)]
     result = subprocess.run(command, capture_output=True, text=True)
-    wall, busy_after = time.perf_counter() - started, busy_cpu_seconds()
-    busy = None if busy_before is None or busy_after is None else busy_after - busy_before
+    wall, busy = time.perf_counter() - started, busy_since(busy_before)
     if result.returncode != 0:
         raise SystemExit(f"sweep failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     client = MlflowClient(f"sqlite:///{work_dir / 'mlflow' / 'mlflow.db'}")
@@ -154,20 +159,18 @@ def resume_latency(space_file: Path, work_dir: Path, name: str, trace: bool = Fa
         text=True,
         start_new_session=True,
     )
-    latency = None
+    latency = busy = None
     for line in resumed.stdout:
         if trace:  # where the seconds go: each line of `mode-cl resume` with its time since launch
             print(f"{time.perf_counter() - started:6.1f}s  {line.rstrip()}", flush=True)
         if "training again after the resume" in line:
-            latency = time.perf_counter() - started
-            busy_after = busy_cpu_seconds()
+            latency, busy = time.perf_counter() - started, busy_since(busy_before)
             break
     os.killpg(resumed.pid, signal.SIGKILL)  # the rest of the trial is not what is measured
     resumed.wait()
     subprocess.run([RAY, "stop", "--force"], capture_output=True, check=False)
     if latency is None:
         raise SystemExit("mode-cl resume never reached a training step")
-    busy = None if busy_before is None or busy_after is None else busy_after - busy_before
     return latency, busy
 
 
